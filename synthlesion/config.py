@@ -1,0 +1,172 @@
+"""Frozen dataclass configs read from YAML.
+
+One loader for every config in synthlesion: ``yaml.safe_load``, nested dataclasses, unknown
+keys rejected with the full dotted key, types checked, ``key.sub=value`` overrides from the
+command line, and the resolved config written beside every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from synthlesion.errors import ConfigError
+from synthlesion.storage import atomic_write_text
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build a frozen dataclass config from a YAML file or mapping plus overrides.
+
+    Args:
+        cls: The (frozen) dataclass type.
+        source: YAML path, an already parsed mapping, or ``None`` for all defaults.
+        overrides: ``"dotted.key=value"`` strings; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: unknown key, wrong type, missing required field, unreadable file.
+    """
+    where = "<mapping>"
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        where = str(source)
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config ({exc})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(data, key.strip().split("."), yaml.safe_load(raw))
+    return _build(cls, data, where, prefix="")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a dataclass config (paths and tuples turned into str and lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type[T], data: Mapping[str, Any], where: str, prefix: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {names}; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, where, prefix + name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: {key}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, key + ".")
+    if origin in (tuple, list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        if origin is tuple and len(args) >= 2 and args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: {key} must have {len(args)} items, got {value!r}")
+            return tuple(_convert(a, v, where, key) for a, v in zip(args, value, strict=True))
+        items = [_convert(inner, v, where, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(kt, k, where, key): _convert(vt, v, where, key) for k, v in value.items()}
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
+        return Path(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    return value

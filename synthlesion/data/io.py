@@ -1,0 +1,242 @@
+"""Reading and writing images without silent damage.
+
+NIfTI files are read completely into memory and, when gzipped, decompressed in one pass that
+checks the gzip CRC and length trailer, so a truncated or bit-flipped file is an error rather
+than wrong voxels (nibabel alone reads lazily and stops before the trailer). Writes go to a
+temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+from synthlesion.data.volume import Volume
+from synthlesion.errors import GeometryError, ImageReadError
+from synthlesion.storage import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+FormMismatchPolicy = Literal["error", "sform"]
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for ``.nii`` and ``.nii.gz`` paths."""
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def load_image(
+    path: str | Path,
+    *,
+    spatial_dims: int | None = None,
+    on_form_mismatch: FormMismatchPolicy = "error",
+    form_tolerance_mm: float = 1e-3,
+) -> Volume:
+    """Read a NIfTI file or a DICOM series folder into a :class:`Volume`.
+
+    Args:
+        path: A ``.nii``/``.nii.gz`` file or a folder holding one DICOM series.
+        spatial_dims: Expected number of spatial axes (2 or 3). ``None`` accepts either.
+        on_form_mismatch: What to do when a NIfTI's qform and sform disagree: ``"error"``
+            raises :class:`GeometryError`; ``"sform"`` keeps the sform (nibabel's rule) and
+            records the disagreement in ``volume.meta["qform_sform_difference_mm"]``.
+        form_tolerance_mm: Largest allowed qform/sform disagreement, in mm.
+
+    Raises:
+        ImageReadError: The file is missing, empty, truncated, corrupt or of the wrong shape.
+        GeometryError: qform and sform disagree (with ``on_form_mismatch="error"``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        from synthlesion.data.dicom import load_dicom_series
+
+        volume = load_dicom_series(path)
+        return _check_dims(volume, spatial_dims)
+    return load_nifti(
+        path,
+        spatial_dims=spatial_dims,
+        on_form_mismatch=on_form_mismatch,
+        form_tolerance_mm=form_tolerance_mm,
+    )
+
+
+def read_nifti_bytes(path: str | Path) -> bytes:
+    """Return the uncompressed bytes of a NIfTI file, verifying a gzip stream completely.
+
+    Raises:
+        ImageReadError: missing, empty, not gzip despite ``.gz``, truncated, or CRC failure.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if str(path).lower().endswith(".gz"):
+        if data[:2] != b"\x1f\x8b":
+            raise ImageReadError(path, "not a gzip file although the name ends in .gz")
+        try:
+            data = gzip.decompress(data)
+        except EOFError:
+            raise ImageReadError(
+                path, "truncated gzip stream (the file ends before its end-of-stream marker)"
+            ) from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise ImageReadError(path, f"corrupt gzip stream ({exc})") from None
+    return data
+
+
+def load_nifti(
+    path: str | Path,
+    *,
+    spatial_dims: int | None = None,
+    on_form_mismatch: FormMismatchPolicy = "error",
+    form_tolerance_mm: float = 1e-3,
+) -> Volume:
+    """Read a ``.nii`` or ``.nii.gz`` file fully; see :func:`load_image` for the arguments."""
+    path = Path(path)
+    raw = read_nifti_bytes(path)
+    image = _parse_nifti(path, raw)
+    header = image.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    needed = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) < needed:
+        raise ImageReadError(
+            path,
+            f"truncated: the header declares {needed} bytes (shape {shape}, {dtype}), "
+            f"the file holds {len(raw)}",
+        )
+    array = _read_array(path, image)
+    meta: dict[str, object] = {}
+    difference = qform_sform_difference_mm(header, shape)
+    if difference is not None:
+        meta["qform_sform_difference_mm"] = difference
+        if difference > form_tolerance_mm:
+            if on_form_mismatch == "error":
+                raise GeometryError(
+                    f"{path}: qform and sform disagree by up to {difference:.3g} mm at the "
+                    "corners of the grid; fix the header or load with on_form_mismatch='sform'"
+                )
+            logger.warning("%s: qform and sform disagree by %.3g mm; using sform", path, difference)
+    volume = Volume(array, image.affine, header, path, meta)
+    return _check_dims(volume, spatial_dims)
+
+
+def save_image(volume: Volume, path: str | Path, *, compresslevel: int = 6) -> Path:
+    """Write ``volume`` as NIfTI atomically, keeping affine, header fields and dtype.
+
+    The gzip stream is written with a zero timestamp, so equal volumes give equal bytes
+    (and equal sha256 hashes in manifests).
+
+    Args:
+        volume: What to write; its array dtype is kept (int16 stays int16).
+        path: Destination ending in ``.nii`` or ``.nii.gz``.
+        compresslevel: zlib level for ``.nii.gz`` (1 fastest, 9 smallest).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if not is_nifti(path):
+        raise ImageReadError(path, "can only write .nii or .nii.gz files")
+    header = volume.header.copy() if volume.header is not None else nib.Nifti1Header()
+    if not isinstance(header, nib.Nifti1Header):
+        header = nib.Nifti1Header.from_header(header)
+    image = nib.Nifti1Image(volume.array, volume.affine, header)
+    image.set_data_dtype(volume.array.dtype)
+    # Our array holds true values; never let a stale scale factor rescale them on write.
+    image.header.set_slope_inter(None, None)
+    qcode = int(header["qform_code"]) or 1
+    scode = int(header["sform_code"]) or 1
+    image.set_qform(volume.affine, code=qcode)
+    image.set_sform(volume.affine, code=scode)
+    raw = image.to_bytes()
+    if str(path).lower().endswith(".gz"):
+        raw = gzip.compress(raw, compresslevel=compresslevel, mtime=0)
+    atomic_write_bytes(path, raw)
+    return path
+
+
+def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) -> float | None:
+    """Largest distance (mm) between the world positions qform and sform give the grid's corners.
+
+    Returns ``None`` unless both forms are set (code > 0).
+    """
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not qcode or not scode or qform is None or sform is None:
+        return None
+    dims = list(shape[:3]) + [1] * (3 - min(3, len(shape)))
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1) for k in (0, dims[2] - 1)]
+    )
+    diff = (corners @ qform.T)[:, :3] - (corners @ sform.T)[:, :3]
+    return float(np.sqrt((diff**2).sum(axis=1)).max())
+
+
+def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:
+    if len(raw) < 348:
+        raise ImageReadError(path, f"file too short for a NIfTI header ({len(raw)} bytes)")
+    sizeof_hdr_le = int.from_bytes(raw[:4], "little")
+    sizeof_hdr_be = int.from_bytes(raw[:4], "big")
+    klass: type[nib.Nifti1Image]
+    if 540 in (sizeof_hdr_le, sizeof_hdr_be):
+        klass = nib.Nifti2Image
+    elif 348 in (sizeof_hdr_le, sizeof_hdr_be):
+        klass = nib.Nifti1Image
+    else:
+        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file")
+    try:
+        return klass.from_bytes(raw)
+    except Exception as exc:  # nibabel raises several unrelated types here
+        raise ImageReadError(path, f"unreadable NIfTI header ({exc})") from None
+
+
+def _read_array(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    slope, inter = image.header.get_slope_inter()
+    try:
+        if (slope is None or slope == 1.0) and (inter is None or inter == 0.0):
+            array = np.asarray(image.dataobj.get_unscaled())
+        else:
+            array = np.asarray(image.dataobj)
+    except Exception as exc:
+        raise ImageReadError(path, f"cannot read voxel data ({exc})") from None
+    if not array.flags.writeable or not array.flags.owndata:
+        array = np.array(array)
+    return array
+
+
+def _check_dims(volume: Volume, spatial_dims: int | None) -> Volume:
+    array = volume.array
+    path = volume.source
+    # Only trailing axes of size 1 are squeezed, and never below the expected dimensions.
+    target = spatial_dims if spatial_dims is not None else 3
+    while array.ndim > target and array.shape[-1] == 1:
+        array = array[..., 0]
+    if spatial_dims is None and array.ndim == 3 and array.shape[-1] == 1:
+        pass  # a 3D image with one slice stays 3D when no dimensionality is asked for
+    if array.ndim > 3 or (spatial_dims is not None and array.ndim != spatial_dims):
+        expected = f"{spatial_dims}D" if spatial_dims is not None else "2D or 3D"
+        raise ImageReadError(
+            path or Path("<memory>"),
+            f"{array.ndim}D image of shape {tuple(array.shape)} where a {expected} image is "
+            "expected (only a trailing axis of size 1 is squeezed)",
+        )
+    if array.ndim < 2:
+        raise ImageReadError(path or Path("<memory>"), f"{array.ndim}D data is not an image")
+    if array is volume.array:
+        return volume
+    return Volume(np.ascontiguousarray(array), volume.affine, volume.header, volume.source,
+                  volume.meta)
