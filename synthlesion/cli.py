@@ -52,8 +52,46 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="split cases by patient and write a locked splits file")
+    p.add_argument("path", help="dataset.json, manifest or folder of cases")
+    p.add_argument("--out", required=True, help="splits file to write (JSON)")
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
+                   metavar=("TRAIN", "VAL", "TEST"), help="shares of patients per side")
+    p.add_argument("--folds", type=int, default=None, help="k folds (plus the test share)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patient-pattern", default=None,
+                   help="regex over the case id giving the patient id (group 'patient' or 1)")
+    p.add_argument("--no-stratify", action="store_true", help="ignore lesion presence")
+    p.set_defaults(handler=_cmd_split)
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synthlesion.data.sources import load_cases
+    from synthlesion.data.splits import save_splits, split_patients
+
+    out = Path(args.out)
+    if out.exists():
+        print(f"synthlesion split: error: {out} exists; a locked splits file is never "
+              "overwritten (remove it first)", file=sys.stderr)
+        return 1
+    cases = load_cases(args.path, patient_pattern=args.patient_pattern)
+    splits = split_patients(cases, fractions=args.fractions, folds=args.folds, seed=args.seed,
+                            stratify=not args.no_stratify)
+    digest = save_splits(splits, out)
+    counts = ", ".join(
+        f"{side} {len(splits.patients(side))} patients / {len(splits.case_ids(side))} cases"
+        for side in ("train", "val", "test")
+    )
+    print(f"wrote {out} (sha256 {digest[:12]}): {counts}")
+    return 0
+
+
 BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_check,
+    _add_split,
 ]
 
 

@@ -12,9 +12,10 @@ class SynthlesionError(Exception):
 class ImageReadError(SynthlesionError):
     """A file could not be read as a medical image (empty, truncated, corrupt, wrong format)."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str, code: str = "unreadable") -> None:
         self.path = Path(path)
         self.problem = problem
+        self.code = code
         super().__init__(f"{path}: {problem}")
 
 

@@ -78,22 +78,23 @@ def read_nifti_bytes(path: str | Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ImageReadError(path, "file does not exist") from None
+        raise ImageReadError(path, "file does not exist", "missing") from None
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
-        raise ImageReadError(path, "empty file (0 bytes)")
+        raise ImageReadError(path, "empty file (0 bytes)", "empty")
     if str(path).lower().endswith(".gz"):
         if data[:2] != b"\x1f\x8b":
-            raise ImageReadError(path, "not a gzip file although the name ends in .gz")
+            raise ImageReadError(path, "not a gzip file although the name ends in .gz", "corrupt")
         try:
             data = gzip.decompress(data)
         except EOFError:
             raise ImageReadError(
-                path, "truncated gzip stream (the file ends before its end-of-stream marker)"
+                path, "truncated gzip stream (the file ends before its end-of-stream marker)",
+                "truncated",
             ) from None
         except (gzip.BadGzipFile, zlib.error) as exc:
-            raise ImageReadError(path, f"corrupt gzip stream ({exc})") from None
+            raise ImageReadError(path, f"corrupt gzip stream ({exc})", "corrupt") from None
     return data
 
 
@@ -117,6 +118,7 @@ def load_nifti(
             path,
             f"truncated: the header declares {needed} bytes (shape {shape}, {dtype}), "
             f"the file holds {len(raw)}",
+            "truncated",
         )
     array = _read_array(path, image)
     meta: dict[str, object] = {}
@@ -188,7 +190,7 @@ def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) 
 
 def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:
     if len(raw) < 348:
-        raise ImageReadError(path, f"file too short for a NIfTI header ({len(raw)} bytes)")
+        raise ImageReadError(path, f"file too short for a NIfTI header ({len(raw)} bytes)", "truncated")
     sizeof_hdr_le = int.from_bytes(raw[:4], "little")
     sizeof_hdr_be = int.from_bytes(raw[:4], "big")
     klass: type[nib.Nifti1Image]
@@ -197,22 +199,24 @@ def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:
     elif 348 in (sizeof_hdr_le, sizeof_hdr_be):
         klass = nib.Nifti1Image
     else:
-        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file")
+        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file", "header")
     try:
         return klass.from_bytes(raw)
     except Exception as exc:  # nibabel raises several unrelated types here
-        raise ImageReadError(path, f"unreadable NIfTI header ({exc})") from None
+        raise ImageReadError(path, f"unreadable NIfTI header ({exc})", "header") from None
 
 
 def _read_array(path: Path, image: nib.Nifti1Image) -> np.ndarray:
-    slope, inter = image.header.get_slope_inter()
+    # nibabel moves the scale factors from the header to the array proxy on load.
+    slope = float(getattr(image.dataobj, "slope", 1.0))
+    inter = float(getattr(image.dataobj, "inter", 0.0))
     try:
-        if (slope is None or slope == 1.0) and (inter is None or inter == 0.0):
+        if slope == 1.0 and inter == 0.0:
             array = np.asarray(image.dataobj.get_unscaled())
         else:
             array = np.asarray(image.dataobj)
     except Exception as exc:
-        raise ImageReadError(path, f"cannot read voxel data ({exc})") from None
+        raise ImageReadError(path, f"cannot read voxel data ({exc})", "corrupt") from None
     if not array.flags.writeable or not array.flags.owndata:
         array = np.array(array)
     return array
@@ -233,9 +237,10 @@ def _check_dims(volume: Volume, spatial_dims: int | None) -> Volume:
             path or Path("<memory>"),
             f"{array.ndim}D image of shape {tuple(array.shape)} where a {expected} image is "
             "expected (only a trailing axis of size 1 is squeezed)",
+            "dimensions",
         )
     if array.ndim < 2:
-        raise ImageReadError(path or Path("<memory>"), f"{array.ndim}D data is not an image")
+        raise ImageReadError(path or Path("<memory>"), f"{array.ndim}D data is not an image", "dimensions")
     if array is volume.array:
         return volume
     return Volume(np.ascontiguousarray(array), volume.affine, volume.header, volume.source,
