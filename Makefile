@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/synthlesion demo --out $(DEMO_DIR)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/synthlesion phantom --out $(DEMO_DIR)/phantom-ct3d --kind ct --dims 3
+	$(VENV)/bin/synthlesion check $(DEMO_DIR)/phantom-ct3d
+	$(VENV)/bin/synthlesion split $(DEMO_DIR)/phantom-ct3d --out $(DEMO_DIR)/splits.json
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
