@@ -31,8 +31,15 @@ def test_procedural_mask_has_the_asked_size_and_is_binary(spacing):
 
 def test_jitter_keeps_shape_on_identity_and_is_nearest():
     patch = procedural_mask(np.random.default_rng(1), (1.0, 1.0, 1.0), 2000.0)
-    same = jitter_mask(patch, (1, 1, 1), (1, 1, 1), np.random.default_rng(0), rotation_deg=0,
-                       scale=(1.0, 1.0), elastic_mm=0)
+    same = jitter_mask(
+        patch,
+        (1, 1, 1),
+        (1, 1, 1),
+        np.random.default_rng(0),
+        rotation_deg=0,
+        scale=(1.0, 1.0),
+        elastic_mm=0,
+    )
     assert same.shape == patch.shape and (same == patch).all()
     moved = jitter_mask(patch, (1, 1, 1), (1.0, 1.0, 2.0), np.random.default_rng(0))
     assert moved.dtype == bool
@@ -47,8 +54,9 @@ def test_placement_respects_tissue_border_and_existing_lesions():
     labels = np.zeros(shape, np.uint8)
     labels[5:35, 5:35, 2:18] = 1
     labels[8:12, 8:12, 8:12] = 2
-    constraint = PlacementConstraint(tissue_labels=(1,), min_border_distance_mm=2.0,
-                                     min_lesion_distance_mm=5.0)
+    constraint = PlacementConstraint(
+        tissue_labels=(1,), min_border_distance_mm=2.0, min_lesion_distance_mm=5.0
+    )
     allowed = constraint.allowed(labels, None, (1.0, 1.0, 1.0))
     patch = procedural_mask(np.random.default_rng(2), (1.0, 1.0, 1.0), 150.0)
     for seed in range(5):
@@ -65,8 +73,9 @@ def test_placement_respects_tissue_border_and_existing_lesions():
 def test_intensity_range_constraint():
     image = np.zeros((30, 30))
     image[10:20, 10:20] = 50
-    constraint = PlacementConstraint(tissue_labels=(), intensity_range=(40, 60),
-                                     existing_lesion_labels=())
+    constraint = PlacementConstraint(
+        tissue_labels=(), intensity_range=(40, 60), existing_lesion_labels=()
+    )
     allowed = constraint.allowed(None, image, (1.0, 1.0))
     full, _ = place_mask(np.ones((3, 3), bool), allowed, np.random.default_rng(0))
     assert (image[full] == 50).all()

@@ -1,0 +1,209 @@
+"""Quality gates for synthetic lesions, recorded per lesion and never dropped silently.
+
+Three figures per lesion:
+
+* intensity statistics inside the mask (mean, spread) against the real lesions of the training
+  split, as z-scores (outliers rejected);
+* contrast: mean inside the mask minus mean in a ring of tissue around it;
+* seam score: mean gradient magnitude on the paste boundary in the synthetic image divided by
+  the same in the source image (1 = no visible seam).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from synthlesion.data.cases import Case
+from synthlesion.data.io import load_image
+
+
+@dataclass(frozen=True)
+class LesionStats:
+    """Intensity facts of one lesion, in image units (HU for CT).
+
+    Attributes:
+        mean: Mean inside the mask.
+        std: Standard deviation inside the mask.
+        ring_mean: Mean in the ring around the mask.
+        contrast: ``mean - ring_mean``.
+        voxels: Number of voxels in the mask.
+    """
+
+    mean: float
+    std: float
+    ring_mean: float
+    contrast: float
+    voxels: int
+
+
+def lesion_statistics(
+    image: np.ndarray,
+    mask: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    ring_mm: float = 3.0,
+    tissue: np.ndarray | None = None,
+) -> LesionStats:
+    """Statistics of the voxels inside ``mask`` and of a ring around it.
+
+    Args:
+        image: Image, shape ``S``.
+        mask: Boolean lesion mask, shape ``S``.
+        spacing: Voxel size in mm.
+        ring_mm: Ring thickness around the mask, in mm.
+        tissue: Optional boolean map the ring is restricted to (e.g. the organ).
+    """
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("lesion statistics need a non-empty mask")
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    ring = (outside > 0) & (outside <= ring_mm)
+    if tissue is not None and (ring & tissue).any():
+        ring &= tissue
+    values = image[mask].astype(np.float64)
+    ring_values = image[ring].astype(np.float64)
+    ring_mean = float(ring_values.mean()) if ring_values.size else float("nan")
+    return LesionStats(
+        float(values.mean()),
+        float(values.std()),
+        ring_mean,
+        float(values.mean()) - ring_mean,
+        int(mask.sum()),
+    )
+
+
+def seam_score(source: np.ndarray, synthetic: np.ndarray, paste_region: np.ndarray) -> float:
+    """Gradient magnitude on the boundary of ``paste_region`` in ``synthetic`` over ``source``.
+
+    Values near 1 mean the pasted region blends in; a visible seam gives values well above 1.
+    """
+    region = paste_region.astype(bool)
+    boundary = region & ~ndimage.binary_erosion(region)
+    boundary |= ndimage.binary_dilation(region) & ~region
+    if not boundary.any():
+        return 1.0
+
+    def gradient(array: np.ndarray) -> np.ndarray:
+        parts = np.gradient(array.astype(np.float64))
+        parts = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+        return np.sqrt(sum(p**2 for p in parts))
+
+    before = float(gradient(source)[boundary].mean())
+    after = float(gradient(synthetic)[boundary].mean())
+    return after / max(before, 1e-6)
+
+
+@dataclass(frozen=True)
+class RealLesionReference:
+    """Statistics of the real lesions of the training split, the yardstick of the gates."""
+
+    means: tuple[float, ...]
+    stds: tuple[float, ...]
+    contrasts: tuple[float, ...]
+
+    @classmethod
+    def from_cases(
+        cls, cases: Iterable[Case], *, organ_labels: Sequence[int] = (1,)
+    ) -> RealLesionReference:
+        """Measure every connected lesion of the given (real, training) cases."""
+        means, stds, contrasts = [], [], []
+        for case in cases:
+            if case.mask is None or case.origin != "real":
+                continue
+            image = load_image(case.image)
+            mask = load_image(case.mask)
+            lesion = np.isin(mask.array, case.lesion_labels)
+            if not lesion.any():
+                continue
+            tissue = np.isin(mask.array, organ_labels)
+            components, count = ndimage.label(lesion)
+            for index in range(1, count + 1):
+                stats = lesion_statistics(
+                    image.array, components == index, image.spacing, tissue=tissue
+                )
+                means.append(stats.mean)
+                stds.append(stats.std)
+                contrasts.append(stats.contrast)
+        if not means:
+            raise ValueError("no real lesion found to build the quality reference from")
+        return cls(tuple(means), tuple(stds), tuple(contrasts))
+
+    def zscores(self, stats: LesionStats) -> dict[str, float]:
+        """How many real-lesion standard deviations ``stats`` lies from the real lesions."""
+
+        def z(value: float, sample: tuple[float, ...]) -> float:
+            array = np.asarray(sample)
+            spread = float(array.std()) if array.size > 1 else abs(float(array.mean())) * 0.1
+            return (value - float(array.mean())) / max(spread, 1e-6)
+
+        return {
+            "z_mean": z(stats.mean, self.means),
+            "z_std": z(stats.std, self.stds),
+            "z_contrast": z(stats.contrast, self.contrasts),
+        }
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Acceptance thresholds.
+
+    Attributes:
+        max_abs_z: Largest allowed |z| of mean, spread and contrast against real lesions.
+        max_seam: Largest allowed seam score.
+        min_abs_contrast: Smallest allowed |contrast| (image units) between lesion and ring.
+    """
+
+    max_abs_z: float = 3.0
+    max_seam: float = 2.0
+    min_abs_contrast: float = 0.0
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """The recorded outcome for one synthetic lesion."""
+
+    passed: bool
+    reasons: tuple[str, ...]
+    stats: LesionStats
+    zscores: dict[str, float] = field(default_factory=dict)
+    seam: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            **{f"lesion_{k}": v for k, v in asdict(self.stats).items()},
+            **self.zscores,
+            "seam": self.seam,
+        }
+
+
+def evaluate_lesion(
+    source: np.ndarray,
+    synthetic: np.ndarray,
+    lesion: np.ndarray,
+    paste_region: np.ndarray,
+    spacing: Sequence[float],
+    reference: RealLesionReference | None,
+    gate: QualityGate | None = None,
+    tissue: np.ndarray | None = None,
+) -> QualityResult:
+    """Measure one synthetic lesion and decide whether it passes the gate."""
+    gate = gate or QualityGate()
+    stats = lesion_statistics(synthetic, lesion, spacing, tissue=tissue)
+    zscores = reference.zscores(stats) if reference is not None else {}
+    seam = seam_score(source, synthetic, paste_region)
+    reasons = [
+        f"{k}={v:.2f} beyond {gate.max_abs_z}"
+        for k, v in zscores.items()
+        if abs(v) > gate.max_abs_z
+    ]
+    if seam > gate.max_seam:
+        reasons.append(f"seam={seam:.2f} above {gate.max_seam}")
+    if abs(stats.contrast) < gate.min_abs_contrast:
+        reasons.append(f"contrast={stats.contrast:.2f} below {gate.min_abs_contrast}")
+    return QualityResult(not reasons, tuple(reasons), stats, zscores, seam)
