@@ -89,9 +89,143 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write the procedural phantom dataset (NIfTI + dataset.json)")
+    p.add_argument("--out", required=True, help="folder to write dataset.json, imagesTr, labelsTr")
+    p.add_argument("--kind", choices=["ct", "mri"], default="ct",
+                   help="ct: abdomen in HU, liver + lesions; mri: FLAIR-like head, brain + lesions")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="3D volumes or 2D slices")
+    p.add_argument("--patients", type=int, default=None,
+                   help="number of patients (default 8 in 3D, 100 in 2D)")
+    p.add_argument("--size", type=int, default=None,
+                   help="in-plane voxels (default 96 in 3D, 128 in 2D)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lesion-fraction", type=float, default=0.6,
+                   help="share of patients with lesions (the rest are healthy)")
+    p.add_argument("--followup-fraction", type=float, default=0.5,
+                   help="share of patients with a second time point")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different dataset.json already in --out")
+    p.set_defaults(handler=_cmd_phantom)
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from synthlesion.data.phantom import make_phantom_dataset
+
+    path = make_phantom_dataset(
+        args.out,
+        kind=args.kind,
+        spatial_dims=args.dims,
+        n_patients=args.patients,
+        size=args.size,
+        seed=args.seed,
+        lesion_fraction=args.lesion_fraction,
+        followup_fraction=args.followup_fraction,
+        overwrite=args.overwrite,
+    )
+    print(path)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from synthlesion.training.entry import add_arguments
+
+    p = sub.add_parser("train", help="train a lesion diffusion model from a YAML config "
+                       "(also under accelerate launch)")
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from synthlesion.training.entry import run
+
+    return run(args)
+
+
+def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-dataset",
+        help="build a guarded train (real + synthetic) / val / test dataset folder",
+        description="Real training cases plus synthetic cases of training patients; real-only "
+        "val/test lists; nnU-Net v2 / Decathlon layout, dataset card. Refuses synthetic data in "
+        "evaluation, evaluation patients in training, tampered manifests and unsafe paths.",
+    )
+    p.add_argument("real", help="real cases: dataset.json, Decathlon/nnU-Net folder or manifest")
+    p.add_argument("--splits", required=True, help="locked splits file (synthlesion split)")
+    p.add_argument("--manifest", action="append", default=[], metavar="JSONL",
+                   help="synthetic-case manifest (repeat for several)")
+    p.add_argument("--manifest-root", default=None,
+                   help="dataset root of the manifests' paths (default: each manifest's folder)")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--config", default=None, help="BuildConfig YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BuildConfig field (repeatable)")
+    p.add_argument("--synthetic-share", type=float, default=None,
+                   help="target synthetic share per epoch in train (0..1)")
+    p.add_argument("--share-mode", choices=["weights", "fixed"], default=None,
+                   help="per-item sampling weights, or a fixed ratio of listed cases")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fixed-ratio draw")
+    p.add_argument("--link", choices=["symlink", "hardlink", "copy"], default=None,
+                   help="how imagesTr/labelsTr point at the files")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier build")
+    p.add_argument("--report", action="store_true",
+                   help="list every guard violation instead of stopping at the first")
+    p.add_argument("--no-verify-files", action="store_true",
+                   help="do not hash synthetic files against their manifest rows")
+    p.add_argument("--no-verify-generators", action="store_true",
+                   help="do not re-hash generator model folders")
+    p.add_argument("--no-voxel-check", action="store_true",
+                   help="do not decode real val/test scans to compare voxel hashes")
+    p.add_argument("--patient-pattern", default=None,
+                   help="regex over the case id giving the patient id (group 'patient' or 1)")
+    p.set_defaults(handler=_cmd_build_dataset)
+
+
+def _cmd_build_dataset(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from synthlesion.config import load_config
+    from synthlesion.dataset import BuildConfig, DatasetBuilder, GuardViolation, GuardViolations
+
+    overrides = list(args.set)
+    for key, value in (("synthetic_share", args.synthetic_share), ("share_mode", args.share_mode),
+                       ("seed", args.seed), ("link_mode", args.link)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    for key, off in (("verify_files", args.no_verify_files),
+                     ("verify_generators", args.no_verify_generators),
+                     ("check_voxels", args.no_voxel_check)):
+        if off:
+            overrides.append(f"{key}=false")
+    config = load_config(BuildConfig, args.config, overrides)
+    if args.patient_pattern is not None:  # a regex is no YAML scalar: set it directly
+        config = dataclasses.replace(config, patient_pattern=args.patient_pattern)
+    manifests = [(m, args.manifest_root) for m in args.manifest]
+    builder = DatasetBuilder(args.real, args.splits, manifests, config)
+    try:
+        result = builder.build(args.out, overwrite=args.overwrite, report=args.report)
+    except GuardViolation as exc:
+        if not args.report:
+            raise
+        found = exc.violations if isinstance(exc, GuardViolations) else [exc]
+        print(f"synthlesion build-dataset: {len(found)} guard violation(s); nothing written",
+              file=sys.stderr)
+        for violation in found:
+            print(f"  [{violation.guard}] {violation.message}", file=sys.stderr)
+        return 1
+    counts = result.counts
+    print(f"wrote {result.out_dir}: train {counts['train']['real']} real + "
+          f"{counts['train']['synthetic']} synthetic, val {counts['val']['real']}, "
+          f"test {counts['test']['real']} (card: {result.out_dir / 'dataset_card.md'})")
+    return 0
+
+
 BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_check,
     _add_split,
+    _add_phantom,
+    _add_train,
+    _add_build_dataset,
 ]
 
 

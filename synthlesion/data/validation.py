@@ -164,7 +164,7 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
     if images:
         for code, message in geometry_differences(images[0], mask, options.tolerance_mm):
             add(case.mask, code, message)
-    values, counts = _value_counts(mask.array)
+    values = _label_values(mask.array, set(case.labels))
     if values is None:
         if not np.all(np.isfinite(mask.array)):
             return problems  # already reported as non_finite
@@ -183,7 +183,8 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
         add(case.mask, "empty_mask", "mask has no foreground voxel (all background)",
             "error" if options.empty_mask == "error" else "warning")
     if images and images[0].shape == mask.shape:
-        lesion = np.isin(mask.array, case.lesion_labels)
+        labels = case.lesion_labels
+        lesion = mask.array == labels[0] if len(labels) == 1 else np.isin(mask.array, labels)
         n_lesion = int(lesion.sum())
         if n_lesion:
             body = body_mask(images[0].array, case.modality)
@@ -230,20 +231,19 @@ def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN
     return volume
 
 
-def _value_counts(array: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Distinct values of a label map and their counts; ``(None, None)`` if any is fractional."""
+def _label_values(array: np.ndarray, declared: set[int]) -> list[int] | None:
+    """Distinct values of a label map (only the extremes when they bracket declared labels
+    alone, which is the common case and needs no pass beyond min and max); ``None`` if any
+    value is fractional or not finite."""
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            return None, None
-        array = array.astype(np.int64)
-    if array.dtype == np.uint8:
-        counts = np.bincount(array.ravel(), minlength=256)
-        values = np.nonzero(counts)[0]
-        return values, counts[values]
+            return None
     low, high = int(array.min()), int(array.max())
+    if all(v in declared for v in range(low, high + 1)):
+        return sorted({low, high})
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.int64)
     if high - low < 1 << 16:
         counts = np.bincount(array.ravel().astype(np.int64) - low)
-        values = np.nonzero(counts)[0]
-        return values + low, counts[values]
-    values, counts = np.unique(array, return_counts=True)
-    return values, counts
+        return [int(v) + low for v in np.nonzero(counts)[0]]
+    return [int(v) for v in np.unique(array)]

@@ -1,0 +1,988 @@
+"""The embedded procedural phantom: deterministic CT-like abdomens and MRI-like brains.
+
+Anatomy is a set of implicit shapes (deformed ellipsoids, cylinders, tubes) evaluated on
+millimetre coordinate grids, so one code path makes a 3D volume or a 2D axial slice (a grid
+whose z coordinate is a single plane through the same 3D anatomy). Each patient's anatomy is
+drawn once; a follow-up scan re-samples it under a small rigid motion and smooth deformation,
+with every lesion grown or shrunk. Lesions are smoothly deformed ellipsoids placed inside the
+organ (liver, brain parenchyma) at a safe distance from its border, with their own intensity
+and texture; the image edge is soft, the mask crisp.
+
+:func:`make_phantom_dataset` writes a Decathlon / nnU-Net v2 folder: ``dataset.json``,
+``imagesTr/{case_id}_0000.nii.gz`` and ``labelsTr/{case_id}.nii.gz`` with labels
+0 background, 1 organ, 2 lesion. Equal arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from synthlesion import __version__
+from synthlesion.data.io import save_image
+from synthlesion.data.volume import Volume
+from synthlesion.errors import ConfigError, SynthlesionError
+from synthlesion.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["ct", "mri"]
+Coords = tuple[np.ndarray, np.ndarray, np.ndarray]
+ORGAN_LABEL = 1
+LESION_LABEL = 2
+ORGAN_NAME = {"ct": "liver", "mri": "brain"}
+MODALITY = {"ct": "CT", "mri": "MRI"}
+_KIND_CODE = {"ct": 1, "mri": 2}
+_FOV_MM = {"ct": 360.0, "mri": 220.0}  # in-plane field of view; spacing = FOV / size
+_SLICE_RATIO = {"ct": 2.5, "mri": 1.0}  # slice spacing / in-plane spacing
+_Z_FRACTION = {"ct": 1.0, "mri": 0.8}  # z extent / in-plane extent (3D)
+_DEFAULT_SIZE = {2: 128, 3: 96}
+_DEFAULT_PATIENTS = {2: 100, 3: 8}
+_MRI_SCALE = 400.0  # white matter signal, arbitrary units
+
+
+class PhantomOutputError(SynthlesionError):
+    """The output folder already holds a different dataset."""
+
+
+@dataclass(frozen=True)
+class PhantomLesion:
+    """Known truth of one lesion in one scan.
+
+    Attributes:
+        centre_voxel: Centroid of the lesion's voxels in array index coordinates (2 or 3 values).
+        centre_mm: The same point in world RAS millimetres (3 values).
+        radii_mm: Semi-axes of the generating ellipsoid in mm, growth included (3 values).
+        volume_voxels: Number of voxels (pixels in 2D) labelled as this lesion.
+        mean_intensity: Mean image value over them (HU for CT, arbitrary units for MRI).
+        appearance: ``hypodense``/``hyperdense`` (CT) or ``hyperintense``/``necrotic`` (MRI).
+    """
+
+    centre_voxel: tuple[float, ...]
+    centre_mm: tuple[float, float, float]
+    radii_mm: tuple[float, float, float]
+    volume_voxels: int
+    mean_intensity: float
+    appearance: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "centre_voxel": [round(v, 2) for v in self.centre_voxel],
+            "centre_mm": [round(v, 2) for v in self.centre_mm],
+            "radii_mm": [round(v, 2) for v in self.radii_mm],
+            "volume_voxels": self.volume_voxels,
+            "mean_intensity": round(self.mean_intensity, 2),
+            "appearance": self.appearance,
+        }
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """One generated scan: image (CT int16 HU or MRI float32), uint8 label map and truth."""
+
+    case_id: str
+    patient_id: str
+    time_point: int
+    image: Volume
+    label: Volume
+    lesions: tuple[PhantomLesion, ...]
+    noise_sd: float  # sd of the added noise (HU for CT, Rician sigma for MRI)
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool(self.lesions)
+
+
+# --- smooth random fields and implicit shapes ---------------------------------------------
+
+
+class _Field:
+    """A smooth scalar field over 3D mm coordinates: a sum of random cosines.
+
+    ``amplitude`` bounds ``|value|``; wavelengths are in mm; ``z_scale`` < 1 makes the field
+    vary more slowly along z.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        n: int,
+        wavelength_mm: tuple[float, float],
+        amplitude: float,
+        z_scale: float = 1.0,
+    ) -> None:
+        directions = rng.normal(size=(n, 3))
+        directions[:, 2] *= z_scale
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        k = 2 * np.pi / rng.uniform(*wavelength_mm, size=n)
+        weights = rng.uniform(0.5, 1.0, size=n)
+        self.w = (directions * k[:, None]).tolist()
+        self.phase = rng.uniform(0, 2 * np.pi, size=n).tolist()
+        self.amp = (amplitude * weights / weights.sum()).tolist()
+
+    def __call__(self, p: Coords, centre: Any = (0.0, 0.0, 0.0)) -> np.ndarray:
+        return self.value_and_slope(p, centre, slope=False)[0]
+
+    def value_and_slope(
+        self, p: Coords, centre: Any = (0.0, 0.0, 0.0), slope: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Field value and, if asked, the norm of its gradient (per mm)."""
+        d = [p[i] - float(centre[i]) for i in range(3)]
+        value: Any = 0.0
+        grad: list[Any] = [0.0, 0.0, 0.0]
+        for (w0, w1, w2), phase, amp in zip(self.w, self.phase, self.amp, strict=True):
+            arg = w0 * d[0] + w1 * d[1] + w2 * d[2] + phase
+            value = value + amp * np.cos(arg)
+            if slope:
+                s = amp * np.sin(arg)
+                grad = [grad[0] - w0 * s, grad[1] - w1 * s, grad[2] - w2 * s]
+        norm = np.sqrt(grad[0] ** 2 + grad[1] ** 2 + grad[2] ** 2) if slope else None
+        return value, norm
+
+
+def _blob(
+    p: Coords,
+    centre: Any,
+    radii: Any,
+    rotation: Any = None,
+    field: _Field | None = None,
+) -> np.ndarray:
+    """Normalised radius of a (rotated, deformed) ellipsoid: < 1 inside.
+
+    ``rotation`` holds the ellipsoid's axes as columns; an infinite radius makes a cylinder.
+    The deformation scales the radius by ``1 + field``, so the extent is at most
+    ``radius / (1 - field amplitude)``.
+    """
+    d = [p[i] - float(centre[i]) for i in range(3)]
+    if rotation is not None:
+        m = rotation
+        d = [m[0][j] * d[0] + m[1][j] * d[1] + m[2][j] * d[2] for j in range(3)]
+    total: Any = 0.0
+    for dj, r in zip(d, radii, strict=True):
+        if math.isfinite(r):
+            total = total + (dj * (1.0 / float(r))) ** 2
+    rho = np.sqrt(total)
+    if field is not None:
+        rho = rho * (1.0 + field(p, centre))
+    return rho
+
+
+def _tube_sdf(p: Coords, segments: list[tuple[np.ndarray, np.ndarray, float, float]]) -> Any:
+    """Signed distance (mm, < 0 inside) to a union of tapered capsules ``(a, b, ra, rb)``."""
+    sdf: Any = np.inf
+    for a, b, ra, rb in segments:
+        d = (b - a).tolist()
+        inv = 1.0 / (d[0] ** 2 + d[1] ** 2 + d[2] ** 2)
+        rel = [p[i] - float(a[i]) for i in range(3)]
+        t = np.clip((rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2]) * inv, 0.0, 1.0)
+        dist = np.sqrt(sum((rel[i] - t * d[i]) ** 2 for i in range(3)))
+        sdf = np.minimum(sdf, dist - (ra + t * (rb - ra)))
+    return sdf
+
+
+def _vessel_tree(
+    rng: np.random.Generator,
+    root: np.ndarray,
+    direction: np.ndarray,
+    radius: float,
+    inside: Callable[[np.ndarray], bool],
+    depth: int,
+    out: list[tuple[np.ndarray, np.ndarray, float, float]],
+) -> None:
+    """Grow a curved, branching tube tree from ``root`` while it stays ``inside``."""
+    point, heading = np.asarray(root, float), np.asarray(direction, float)
+    for _ in range(3):
+        heading = heading + rng.normal(scale=0.3, size=3)
+        heading /= np.linalg.norm(heading)
+        nxt = point + heading * rng.uniform(8, 15)
+        out.append((point, nxt, radius, radius * 0.92))
+        point, radius = nxt, radius * 0.92
+        if not inside(point):
+            return
+    if depth > 0 and radius > 1.2:
+        perp = np.cross(heading, rng.normal(size=3))
+        perp /= np.linalg.norm(perp)
+        for sign in (-1.0, 1.0):
+            child = heading + sign * perp * rng.uniform(0.5, 1.0)
+            _vessel_tree(
+                rng, point, child / np.linalg.norm(child), radius * 0.78, inside, depth - 1, out
+            )
+
+
+def _crop(p: Coords, sl: tuple[slice, ...]) -> Coords:
+    """The coordinates of a sub-block (each array may be broadcast along some axes)."""
+    return tuple(  # type: ignore[return-value]
+        c[tuple(s if c.shape[i] > 1 else slice(None) for i, s in enumerate(sl))] for c in p
+    )
+
+
+def _bbox(mask: np.ndarray, pad: int = 1) -> tuple[slice, ...]:
+    """Slices of the box around ``mask``'s true voxels, grown by ``pad`` (empty mask: 0 size)."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return tuple(slice(0, 0) for _ in range(mask.ndim))
+        out.append(slice(max(0, hit[0] - pad), min(mask.shape[axis], hit[-1] + pad + 1)))
+    return tuple(out)
+
+
+def _rotation(rng: np.random.Generator, degrees: tuple[float, float, float]) -> list[list[float]]:
+    """A random rotation matrix with angles drawn ~N(0, degrees) about x, y, z."""
+    vec = np.radians(rng.normal(scale=degrees))
+    return Rotation.from_rotvec(vec).as_matrix().tolist()
+
+
+def _rotation_z(degrees: float) -> list[list[float]]:
+    return Rotation.from_euler("z", degrees, degrees=True).as_matrix().tolist()
+
+
+# --- CT abdomen -------------------------------------------------------------------------------
+
+
+def _ct_anatomy(rng: np.random.Generator) -> dict[str, Any]:
+    u = rng.uniform
+    a, b = u(125, 152), u(100, 120)
+    b_post = b * u(0.86, 0.94)
+    yv = -b_post + u(60, 68)  # vertebral body centre (y, mm)
+    zl = u(25, 50)  # liver centre (z, mm)
+    an: dict[str, Any] = dict(
+        a=a,
+        b=b,
+        b_post=b_post,
+        yv=yv,
+        zl=zl,
+        body_field=_Field(rng, 5, (90, 260), 0.05, z_scale=0.2),
+        fat=u(10, 30),
+        fat_field=_Field(rng, 4, (60, 200), 0.6, z_scale=0.3),
+        muscle=u(7, 12),
+        tex=_Field(rng, 6, (15, 60), 1.0),
+        dome=zl + u(70, 90),
+        disc_phase=u(0, 36),
+        liver_hu=u(55, 70),
+        vessel_hu=u(150, 195),
+        aorta_hu=u(150, 200),
+        liver_field=_Field(rng, 6, (40, 140), u(4, 8)),
+        liver_right=((u(60, 75), u(0, 10), zl), (u(70, 85), u(80, 95), u(80, 95))),
+        liver_left=((u(-25, -5), u(35, 50), zl + u(10, 30)), (u(45, 65), u(28, 40), u(35, 50))),
+        liver_rot=_rotation(rng, (4, 4, 6)),
+        liver_shape=_Field(rng, 5, (60, 180), 0.1),
+        spleen=((u(-95, -80), u(-40, -25), zl + u(0, 25)), (u(22, 30), u(45, 60), u(45, 55))),
+        spleen_rot=_rotation(rng, (5, 5, 30)),
+        stomach=((u(-65, -45), u(20, 45), zl + u(15, 35)), (u(35, 50), u(30, 42), u(40, 55))),
+        stomach_air=u(0, 20),
+        stomach_fluid=u(5, 30),
+        kidneys=[
+            ((s * u(62, 72), yv + u(2, 10), zl + dz), (u(22, 27), u(18, 22), u(45, 55)))
+            for s, dz in ((1, u(-110, -90)), (-1, u(-95, -75)))
+        ],
+        gallbladder=(
+            ((u(30, 50), u(25, 45), zl - u(40, 55)), (u(12, 16), u(20, 30), u(14, 20)))
+            if rng.random() < 0.75
+            else None
+        ),
+        bowel=[
+            (
+                (u(-115, 90), u(-45, 85), u(-190, zl + 20)),
+                (u(11, 20), u(11, 20), u(15, 45)),
+                _rotation(rng, (40, 40, 40)),
+                rng.random() < 0.3,
+                u(15, 40),
+            )
+            for _ in range(30)
+        ],
+        colon_gas=u(-10, 10),
+    )
+    return an
+
+
+def _ct_render(p: Coords, an: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+    """CT abdomen in HU (float32, before blur and noise), the liver mask and the liver HU."""
+    x, y, z = p
+    shape = np.broadcast_shapes(*(c.shape for c in p))
+    b_y = np.where(y < 0, an["b_post"], an["b"])
+    rho_body = np.sqrt((x / an["a"]) ** 2 + (y / b_y) ** 2) * (1 + an["body_field"](p))
+    depth = (1 - rho_body) * math.sqrt(an["a"] * an["b"])  # mm under the skin (approximate)
+    wall_out = 2.5 + an["fat"] * (1 + an["fat_field"](p))
+    wall_in = wall_out + an["muscle"]
+    tex = an["tex"](p)
+    img = np.full(shape, -1000.0, np.float32)
+    img[depth > 0] = 35.0
+    img = np.where(depth > 2.5, -100.0 + 8 * tex, img)
+    img = np.where(depth > wall_out, 45.0 + 4 * tex, img)
+    cavity = depth > wall_in
+    img = np.where(cavity, -95.0 + 10 * tex, img)
+    yv = an["yv"]
+    dome = an["dome"] - 0.005 * (np.abs(x) - 70) ** 2 - 0.004 * (y - yv - 75) ** 2
+    heart = _blob(p, (-15, yv + 80, an["dome"] + 15), (65, 50, 60)) < 1
+    img = np.where(cavity & (z > dome), np.where(heart, 40.0, -850.0 + 40 * tex), img)
+    below = cavity & (z < dome - 5)
+
+    def paint(mask: np.ndarray, value: Any) -> None:
+        np.copyto(img, np.asarray(value, np.float32), where=mask)
+
+    for centre, radii, rot, gas, hu in an["bowel"]:  # bowel loops: wall, then content
+        rho = _blob(p, centre, radii, rot)
+        paint(below & (rho < 1), 40.0)
+        paint(below & (rho < 0.75), -950.0 if gas else hu)
+    for side, cy, top in ((1, 0.0, an["zl"] - 55), (-1, -10.0, an["zl"] - 15)):  # colon
+        rho = _blob(p, (side * 88, cy, 0), (20, 20, np.inf))
+        col = below & (z < top) & (rho < 1)
+        paint(col, 40.0)
+        paint(col & (rho < 0.8), np.where(y > cy + an["colon_gas"], -950.0, 20.0 + 15 * tex))
+    sc, sr = an["stomach"]
+    rho = _blob(p, sc, sr)
+    paint(below & (rho < 1), 40.0)
+    paint(
+        below & (rho < 0.88),
+        np.where(y > sc[1] + an["stomach_air"], -980.0, an["stomach_fluid"] + 8 * tex),
+    )
+    paint(below & (_blob(p, *an["spleen"], an["spleen_rot"]) < 1), 48.0 + 3 * tex)
+    reserved = np.zeros(shape, bool)
+    for i, (kc, kr) in enumerate(an["kidneys"]):
+        rho = _blob(p, kc, kr)
+        kidney = cavity & (rho < 1)
+        paint(kidney, 155.0 + 6 * tex)
+        hilum = (kc[0] - np.sign(kc[0]) * 12, kc[1] + 6, kc[2])
+        paint(kidney & (_blob(p, hilum, (9, 9, kr[2] * 0.5)) < 1), -60.0)
+        if i == 0:
+            reserved |= kidney
+    for sx in (1, -1):  # psoas (below the kidneys' top) and paraspinal muscles
+        psoas = (
+            cavity & (z < an["zl"] - 50) & (_blob(p, (sx * 38, yv + 4, 0), (14, 14, np.inf)) < 1)
+        )
+        para = (depth > wall_out) & (_blob(p, (sx * 32, yv - 38, 0), (22, 19, np.inf)) < 1)
+        paint(psoas | para, 50.0 + 4 * tex)
+        reserved |= psoas | para
+    aorta = _blob(p, (-15, yv + 30, 0), (11, 11, np.inf)) < 1
+    ivc = _blob(p, (22, yv + 34, 0), (13, 10, np.inf)) < 1
+    paint(aorta, an["aorta_hu"])
+    paint(ivc, an["vessel_hu"] - 20)
+    # spine: vertebral body (cortex + cancellous, discs every 36 mm), canal, arch, processes
+    rho_vb = _blob(p, (0, yv, 0), (20, 16, np.inf))
+    disc = np.mod(z - an["disc_phase"], 36.0) < 8.0
+    paint(rho_vb < 1, np.where(disc, 90.0, np.where(rho_vb > 0.82, 750.0, 230.0 + 30 * tex)))
+    rho_canal = _blob(p, (0, yv - 27, 0), (9, 9, np.inf))
+    flat = (x, y, np.zeros((1,) * x.ndim, np.float32))
+    processes = [(np.array([0, yv - 34, 0]), np.array([0, yv - 58, 0]), 3.5, 2.5)] + [
+        (np.array([s * 9, yv - 20, 0]), np.array([s * 36, yv - 28, 0]), 4.0, 3.0) for s in (1, -1)
+    ]
+    arch = (rho_canal < 1.6) | ((_tube_sdf(flat, processes) < 0) & ~disc)
+    paint(arch & (depth > wall_out), 600.0)
+    rib_band = (depth > wall_out + 1) & (depth < wall_in + 3) & (z > an["zl"] - 70)
+    angle = np.abs(np.arctan2(x, yv - y))  # 0 behind the spine, pi in front
+    ribs = np.cos(2 * np.pi * (z + 45 * angle + 8 * tex) / 32) > 0.6
+    rib_band &= (angle > 0.5) & (angle < 2.6)
+    paint(rib_band & ribs, 550.0 + 60 * tex)
+    paint(rho_canal < 1, 20.0)
+    reserved |= aorta | ivc | (rho_vb < 1.1) | arch | (rho_canal < 1.6)
+    if an["gallbladder"] is not None:
+        gb = _blob(p, *an["gallbladder"], an["liver_rot"]) < 1
+        paint(gb & below, 8.0)
+        reserved |= gb
+    rho_r = _blob(p, *an["liver_right"], an["liver_rot"], an["liver_shape"])
+    rho_l = _blob(p, *an["liver_left"], an["liver_rot"], an["liver_shape"])
+    liver = (np.minimum(rho_r, rho_l) < 1) & cavity & (z < dome - 6) & ~reserved
+    paint(liver, an["liver_hu"] + an["liver_field"](p))
+    if liver.any():  # intrahepatic vessels, painted softly inside the liver only
+        sl = _bbox(liver, pad=1)
+        sdf = _tube_sdf(_crop(p, sl), an["vessels"])
+        w = np.clip(0.5 - sdf / 2.0, 0.0, 1.0) * liver[sl]
+        img[sl] += w * (an["vessel_hu"] - img[sl])
+    return img, liver, an["liver_hu"]
+
+
+def _ct_vessels(rng: np.random.Generator, an: dict[str, Any]) -> None:
+    """Draw the portal and hepatic vein trees inside the liver (adds ``an["vessels"]``)."""
+
+    def inside(q: np.ndarray) -> bool:
+        pts = tuple(np.float32(v) for v in q)
+        r = min(
+            float(_blob(pts, *an["liver_right"], an["liver_rot"])),
+            float(_blob(pts, *an["liver_left"], an["liver_rot"])),
+        )
+        return r < 0.85 and q[2] < an["dome"] - 15
+
+    segs: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+    (rx, ry, rz), _ = an["liver_right"]
+    hilum = np.array([rx - 35, ry - 5, rz - 15])
+    for d in ((1, 0.1, 0.3), (-1, 0.6, 0.2), (0.3, 0.2, -0.6)):
+        _vessel_tree(
+            rng, hilum, np.array(d) / np.linalg.norm(d), rng.uniform(4.5, 6.0), inside, 3, segs
+        )
+    top = np.array([22.0, an["yv"] + 34, an["dome"] - 25])
+    for d in ((1, 0.3, -0.3), (0.1, 1, -0.3), (-1, 0.7, -0.2)):
+        _vessel_tree(
+            rng, top, np.array(d) / np.linalg.norm(d), rng.uniform(3.5, 5.0), inside, 2, segs
+        )
+    an["vessels"] = segs
+
+
+# --- MRI brain (FLAIR-like contrast) ------------------------------------------------------
+
+
+def _mri_anatomy(rng: np.random.Generator) -> dict[str, Any]:
+    u = rng.uniform
+    c = (u(-2, 2), u(-6, 2), u(-4, 4))
+    zv = c[2] + u(6, 12)
+    return dict(
+        c=c,
+        r=(u(62, 69), u(77, 84), u(56, 63)),
+        shape=_Field(rng, 5, (70, 180), 0.04),
+        skull=u(5, 7.5),
+        scalp=u(4, 7),
+        rim=u(1.5, 2.5),
+        gm=u(2.5, 3.5),
+        sulci=_Field(rng, 14, (14, 30), 1.0),
+        sulcus_w=u(0.7, 1.0),
+        sulcus_depth=u(10, 15),
+        fissure_depth=u(28, 38),
+        vent=[
+            (
+                (s * u(8, 11), c[1] + u(-4, 4), zv),
+                (u(6, 9), u(24, 30), u(8, 11)),
+                _rotation_z(s * u(8, 16)),
+            )
+            for s in (1, -1)
+        ],
+        vent_bend=u(0.004, 0.008),
+        vent_shape=_Field(rng, 4, (25, 60), 0.15),
+        deep=[
+            ((s * u(10, 14), c[1] - u(8, 14), zv - u(12, 16)), (u(8, 11), u(12, 16), u(8, 10)))
+            for s in (1, -1)
+        ]
+        + [
+            ((s * u(18, 24), c[1] + u(6, 12), zv - u(8, 12)), (u(6, 8), u(12, 16), u(9, 12)))
+            for s in (1, -1)
+        ],
+        wm=_MRI_SCALE * u(0.9, 1.1),
+        gm_ratio=u(1.12, 1.25),
+        csf=u(0.08, 0.15),
+        scalp_ratio=u(1.2, 1.7),
+        tex=_Field(rng, 6, (12, 50), 1.0),
+        bias=_Field(rng, 3, (200, 400), u(0.15, 0.3)),
+    )
+
+
+def _mri_render(p: Coords, an: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """FLAIR-like head (float32, before bias and noise), brain mask, lesion region, WM value."""
+    x, y, z = p
+    shape = np.broadcast_shapes(*(c.shape for c in p))
+    wm = an["wm"]
+    depth = (1 - _blob(p, an["c"], an["r"], field=an["shape"])) * float(np.prod(an["r"])) ** (1 / 3)
+    tex = np.broadcast_to(an["tex"](p), shape)
+    img = np.zeros(shape, np.float32)
+    outer = -(an["skull"] + an["scalp"])
+    img[depth > outer] = an["scalp_ratio"] * wm
+    skull = depth > -an["skull"]
+    img[skull] = 0.06 * wm
+    img[skull & (np.abs(depth + an["skull"] / 2) < an["skull"] / 5)] = 0.35 * wm  # diploe
+    img[depth > 0] = an["csf"] * wm
+    g, slope = an["sulci"].value_and_slope(p)
+    d_sulcus = np.abs(g) / np.maximum(slope, 1e-3)
+    d_fissure = np.abs(x - an["c"][0])
+    w, t = an["sulcus_w"], an["gm"]
+    csf = (depth < an["rim"]) | ((d_sulcus < w) & (depth < an["sulcus_depth"]))
+    csf |= (d_fissure < w) & (depth < an["fissure_depth"])
+    brain = (depth > 0) & ~csf
+    gm = (depth < an["rim"] + t) | ((d_sulcus < w + t) & (depth < an["sulcus_depth"] + t))
+    gm |= (d_fissure < w + t) & (depth < an["fissure_depth"] + t)
+    img[brain] = wm * (1 + 0.03 * tex[brain])
+    img[brain & gm] = an["gm_ratio"] * wm
+    for centre, radii in an["deep"]:
+        img[brain & (_blob(p, centre, radii) < 1)] = (an["gm_ratio"] - 0.06) * wm
+    vent = np.zeros(shape, bool)
+    for centre, radii, rot in an["vent"]:  # lateral ventricles, bent down at both ends
+        bent = (x, y, z + an["vent_bend"] * (y - centre[1]) ** 2)
+        vent |= _blob(bent, centre, radii, rot, an["vent_shape"]) < 1
+    vent &= brain
+    img[vent] = an["csf"] * wm
+    lesion_region = brain & ~vent
+    return img, brain, lesion_region, wm
+
+
+# --- lesions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LesionSpec:
+    centre: tuple[float, float, float]  # anatomy mm
+    radii: tuple[float, float, float]  # mm
+    rotation: list[list[float]]
+    shape: _Field
+    texture: _Field
+    appearance: str
+    contrast: float  # added to the organ level (HU or a.u.)
+    core: float  # added inside the core (necrosis), 0 for none
+    edge_mm: float  # width of the soft image edge
+    growth: tuple[float, ...]  # radius factor per time point
+
+
+def _lesion_look(
+    rng: np.random.Generator, kind: str, level: float
+) -> tuple[str, float, float, float]:
+    """(appearance, contrast, core shift, texture amplitude) in image units."""
+    u = rng.uniform
+    if kind == "ct":
+        if rng.random() < 0.75:
+            return "hypodense", -u(35, 50), -u(0, 12) if rng.random() < 0.4 else 0.0, u(4, 8)
+        return "hyperdense", u(40, 60), 0.0, u(4, 8)
+    if rng.random() < 0.8:
+        return "hyperintense", level * u(0.35, 0.75), 0.0, level * u(0.04, 0.08)
+    return "necrotic", level * u(0.5, 0.9), -level * u(0.8, 1.2), level * u(0.04, 0.08)
+
+
+def _place_lesions(
+    rng: np.random.Generator,
+    kind: str,
+    count: int,
+    region: np.ndarray,
+    p: Coords,
+    spacing: tuple[float, ...],
+    level: float,
+    n_time_points: int,
+) -> list[_LesionSpec]:
+    """Place ``count`` lesions where ``region`` leaves room, never touching each other."""
+    ndim = region.ndim
+    sp = spacing[:ndim]
+    edt = ndimage.distance_transform_edt(np.pad(region, 1), sampling=sp)[(slice(1, -1),) * ndim]
+    clearance = max(sp) + 1.0
+    lo = max(7.0 if kind == "ct" else 4.0, 2.0 * sp[0])
+    hi = max(22.0 if kind == "ct" else 13.0, 1.5 * lo)
+    growth = [1.0] + [float(np.exp(rng.uniform(-0.3, 0.3))) for _ in range(n_time_points - 1)]
+    g_max = max(growth)
+    specs: list[_LesionSpec] = []
+    placed: list[tuple[np.ndarray, float]] = []
+    shape = region.shape
+    for _ in range(count):
+        for attempt in range(40):
+            r_max = rng.uniform(lo, hi) * (0.97**attempt)
+            radii = r_max * rng.uniform(0.6, 1.0, size=3)
+            radii[rng.integers(3)] = r_max
+            extent = r_max / (1 - 0.15) * g_max
+            candidates = np.flatnonzero(edt >= extent + clearance)
+            if candidates.size == 0:
+                continue
+            idx = np.unravel_index(candidates[rng.integers(candidates.size)], shape)
+            centre = np.array([float(np.broadcast_to(c, shape)[idx]) for c in p])
+            centre[2] += (3 - ndim) * rng.uniform(-0.2, 0.2) * radii.min()  # 2D: near the plane
+            if all(np.linalg.norm(centre - c) > extent + e + 2 for c, e in placed):
+                break
+        else:
+            logger.debug("no room for another lesion after %d placed", len(specs))
+            break
+        appearance, contrast, core, tex_amp = _lesion_look(rng, kind, level)
+        placed.append((centre, extent))
+        specs.append(
+            _LesionSpec(
+                centre=tuple(centre.tolist()),  # type: ignore[arg-type]
+                radii=tuple(radii.tolist()),  # type: ignore[arg-type]
+                rotation=_rotation(rng, (60, 60, 60)),
+                shape=_Field(rng, 4, (1.5 * r_max, 4 * r_max), 0.15),
+                texture=_Field(rng, 5, (4, 15), tex_amp),
+                appearance=appearance,
+                contrast=contrast,
+                core=core,
+                edge_mm=rng.uniform(0.5, 1.5),
+                growth=tuple(growth),
+            )
+        )
+    return specs
+
+
+def _paint_lesions(
+    img: np.ndarray,
+    p: Coords,
+    organ: np.ndarray,
+    level: float,
+    specs: list[_LesionSpec],
+    time_point: int,
+) -> list[np.ndarray]:
+    """Paint lesions into ``img`` (soft edge) and return one crisp boolean mask per lesion."""
+    allowed = ndimage.binary_erosion(organ, border_value=0)
+    masks = []
+    sl = _bbox(organ, pad=1)
+    pc = _crop(p, sl)
+    for spec in specs:
+        g = spec.growth[time_point]
+        radii = tuple(r * g for r in spec.radii)
+        rho = np.broadcast_to(
+            _blob(pc, spec.centre, radii, spec.rotation, spec.shape), img[sl].shape
+        )
+        mask = np.zeros(img.shape, bool)
+        mask[sl] = (rho < 1) & allowed[sl]
+        if (rho < 1).sum() != mask[sl].sum():
+            logger.debug("lesion clipped to the organ interior")
+        scale = min(radii) / spec.edge_mm
+        w = np.clip((1 - rho) * scale + 0.5, 0.0, 1.0) * organ[sl]
+        core = np.clip((0.55 - rho) * scale, 0.0, 1.0)
+        value = level + spec.contrast + spec.texture(pc, spec.centre) + spec.core * core
+        img[sl] += w * (value - img[sl])
+        masks.append(mask)
+    return masks
+
+
+# --- cases --------------------------------------------------------------------------------
+
+
+def phantom_geometry(
+    kind: Kind, spatial_dims: int, size: int
+) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """Array shape and voxel spacing (mm; the third value is the slice spacing, also in 2D).
+
+    In-plane spacing is the field of view (CT 360 mm, MRI 220 mm) over ``size``; CT slices are
+    2.5 times thicker than the in-plane spacing (so a 3D CT has ``size / 2.5`` slices), MRI
+    voxels are isotropic.
+    """
+    _check_args(kind, spatial_dims, size)
+    s = _FOV_MM[kind] / size
+    sz = s * _SLICE_RATIO[kind]
+    if spatial_dims == 2:
+        return (size, size), (s, s, sz)
+    n_z = max(4, round(size * _Z_FRACTION[kind] / _SLICE_RATIO[kind]))
+    return (size, size, n_z), (s, s, sz)
+
+
+def _grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> Coords:
+    """Centred mm coordinates of the voxel grid, each array broadcast along the other axes."""
+    ndim, out = len(shape), []
+    for axis in range(3):
+        n = shape[axis] if axis < ndim else 1
+        v = (np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(spacing[axis])
+        out.append(v.reshape([n if a == axis else 1 for a in range(ndim)]))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _pose(g: Coords, rotation: Any, shift: Any, fields: list[_Field] | None) -> Coords:
+    """Anatomy coordinates of the grid: ``rotation @ g + shift + displacement(g)``."""
+    if rotation is None:
+        return tuple(g[i] + np.float32(shift[i]) for i in range(3))  # type: ignore[return-value]
+    out = []
+    for i in range(3):
+        v = rotation[i][0] * g[0] + rotation[i][1] * g[1] + rotation[i][2] * g[2] + float(shift[i])
+        if fields is not None:
+            v = v + fields[i](g)
+        out.append(v.astype(np.float32, copy=False))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _finish(
+    kind: str,
+    img: np.ndarray,
+    spacing: tuple[float, ...],
+    rng: np.random.Generator,
+    an: dict[str, Any],
+    p: Coords,
+) -> tuple[np.ndarray, float]:
+    """Blur (scanner point spread), then CT correlated noise or MRI bias field + Rician noise."""
+    sp = spacing[: img.ndim]
+    img = ndimage.gaussian_filter(img, [0.5 * sp[0] / s for s in sp])
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    if kind == "ct":
+        noise = ndimage.gaussian_filter(noise, [0.8 * sp[0] / s for s in sp])
+        sd = float(rng.uniform(10, 14))
+        noise *= np.float32(sd / float(noise.std()))
+        return np.clip(np.rint(img + noise), -1024, 3071).astype(np.int16), sd
+    img = img * np.exp(an["bias"](p)).astype(np.float32)
+    sd = float(an["wm"] * rng.uniform(0.025, 0.045))
+    imag = rng.standard_normal(img.shape, dtype=np.float32)
+    out = np.sqrt((img + np.float32(sd) * noise) ** 2 + (np.float32(sd) * imag) ** 2)
+    return out.astype(np.float32), sd
+
+
+def make_phantom_patient(
+    kind: Kind = "ct",
+    spatial_dims: int = 3,
+    *,
+    patient_index: int = 0,
+    n_time_points: int = 1,
+    n_lesions: int = 0,
+    size: int | None = None,
+    seed: int = 0,
+) -> list[PhantomCase]:
+    """Generate every scan of one phantom patient in memory.
+
+    Args:
+        kind: ``"ct"`` (abdomen, int16 HU, organ = liver) or ``"mri"`` (head, float32
+            FLAIR-like arbitrary units, organ = brain).
+        spatial_dims: 3 for volumes of shape ``(X, Y, Z)``, 2 for axial slices ``(X, Y)``.
+        patient_index: Which patient; with ``seed`` it fixes the anatomy and the lesions.
+        n_time_points: Scans of this patient; later ones are moved, slightly deformed and
+            have every lesion grown or shrunk (radius factor 0.74-1.35).
+        n_lesions: Lesions wanted (fewer are placed if the organ has no room); 0 = healthy.
+        size: In-plane voxels (default 96 in 3D, 128 in 2D); see :func:`phantom_geometry`.
+        seed: Dataset seed.
+
+    Returns:
+        One :class:`PhantomCase` per time point, ids ``{kind}{dims}d_p{index:03d}_t{tp}``.
+    """
+    size = _DEFAULT_SIZE.get(spatial_dims, 0) if size is None else size
+    shape, spacing = phantom_geometry(kind, spatial_dims, size)
+    if n_time_points < 1 or n_lesions < 0:
+        raise ConfigError(
+            f"phantom: n_time_points must be >= 1 and n_lesions >= 0, got "
+            f"{n_time_points} and {n_lesions}"
+        )
+    root = np.random.SeedSequence([seed, _KIND_CODE[kind], spatial_dims, 0, patient_index])
+    patient_seq, *scan_seqs = root.spawn(1 + n_time_points)
+    rng = np.random.default_rng(patient_seq)
+    u = rng.uniform
+    if kind == "ct":
+        an = _ct_anatomy(rng)
+        _ct_vessels(rng, an)
+        level_z, origin = an["zl"] + u(-20, 15), [u(-10, 10), u(-40, 0), u(-600, -300)]
+    else:
+        an = _mri_anatomy(rng)
+        level_z, origin = an["vent"][0][0][2] + u(-8, 20), [u(-5, 5), u(-25, 5), u(-20, 30)]
+    shift = [rng.normal(0, 6), rng.normal(0, 6), level_z if spatial_dims == 2 else rng.normal(0, 4)]
+    g = _grid(shape, spacing)
+    corner = [float(c.flat[0]) for c in g]
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    patient_id = f"{kind}{spatial_dims}d_p{patient_index:03d}"
+    specs: list[_LesionSpec] = []
+    cases = []
+    for tp, seq in enumerate(scan_seqs):
+        srng = np.random.default_rng(seq)
+        if tp == 0:
+            p = _pose(g, None, shift, None)
+            table = np.zeros(3)
+        else:
+            degrees = (1.0, 1.0, 3.0) if kind == "ct" else (1.5, 1.5, 4.0)
+            moved = np.asarray(shift) + srng.normal(0, (4, 4, 2))
+            amp = 3.0 if kind == "ct" else 0.8
+            fields = [_Field(srng, 3, (80, 220), amp) for _ in range(3)]
+            p = _pose(g, _rotation(srng, degrees), moved, fields)
+            table = srng.normal(0, (2, 2, 10))
+        if kind == "ct":
+            img, organ, level = _ct_render(p, an)
+            region = organ
+        else:
+            img, organ, region, level = _mri_render(p, an)
+        if tp == 0 and n_lesions:
+            specs = _place_lesions(rng, kind, n_lesions, region, p, spacing, level, n_time_points)
+        masks = _paint_lesions(img, p, region, level, specs, tp)
+        image, noise_sd = _finish(kind, img, spacing, srng, an, p)
+        label = organ.astype(np.uint8)
+        for m in masks:
+            label[m] = LESION_LABEL
+        affine = np.diag([*spacing, 1.0])
+        affine[:3, 3] = np.asarray(origin) + table + corner
+        affine = np.round(affine, 4)
+        truth = []
+        for spec, m in zip(specs, masks, strict=True):
+            n = int(m.sum())
+            if n == 0:
+                continue
+            centroid = np.argwhere(m).mean(axis=0)
+            world = affine @ np.r_[centroid, np.zeros(3 - spatial_dims), 1.0]
+            truth.append(
+                PhantomLesion(
+                    centre_voxel=tuple(float(v) for v in centroid),
+                    centre_mm=tuple(float(v) for v in world[:3]),  # type: ignore[arg-type]
+                    radii_mm=tuple(r * spec.growth[tp] for r in spec.radii),  # type: ignore[arg-type]
+                    volume_voxels=n,
+                    mean_intensity=float(image[m].mean()),
+                    appearance=spec.appearance,
+                )
+            )
+        cases.append(
+            PhantomCase(
+                case_id=f"{patient_id}_t{tp}",
+                patient_id=patient_id,
+                time_point=tp,
+                image=Volume(image, affine, header.copy()),
+                label=Volume(label, affine.copy(), header.copy()),
+                lesions=tuple(truth),
+                noise_sd=noise_sd,
+            )
+        )
+    return cases
+
+
+# --- dataset ------------------------------------------------------------------------------
+
+
+def _check_args(kind: str, spatial_dims: int, size: int) -> None:
+    if kind not in _FOV_MM:
+        raise ConfigError(f"phantom: kind must be 'ct' or 'mri', got {kind!r}")
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"phantom: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if not isinstance(size, int) or size < 24:
+        raise ConfigError(f"phantom: size must be an integer >= 24, got {size!r}")
+
+
+def _plan(
+    seed: int,
+    kind: str,
+    spatial_dims: int,
+    n_patients: int,
+    lesion_fraction: float,
+    followup_fraction: float,
+    max_lesions: int,
+) -> list[tuple[int, int]]:
+    """``(time points, lesions)`` per patient: whole shares, drawn without global state."""
+    rng = np.random.default_rng([seed, _KIND_CODE[kind], spatial_dims, 1])
+    n_lesion = round(lesion_fraction * n_patients)
+    if 0 < lesion_fraction < 1 and n_patients >= 2:
+        n_lesion = min(max(n_lesion, 1), n_patients - 1)
+    n_follow = max(round(followup_fraction * n_patients), 1 if followup_fraction > 0 else 0)
+    with_lesion = set(rng.permutation(n_patients)[:n_lesion].tolist())
+    with_followup = set(rng.permutation(n_patients)[:n_follow].tolist())
+    counts = rng.integers(1, max_lesions + 1, size=n_patients)
+    return [
+        (2 if i in with_followup else 1, int(counts[i]) if i in with_lesion else 0)
+        for i in range(n_patients)
+    ]
+
+
+def make_phantom_dataset(
+    out_dir: str | Path,
+    *,
+    kind: Kind = "ct",
+    spatial_dims: int = 3,
+    n_patients: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    lesion_fraction: float = 0.6,
+    followup_fraction: float = 0.5,
+    max_lesions: int = 3,
+    overwrite: bool = False,
+) -> Path:
+    """Write a phantom dataset (Decathlon / nnU-Net v2 layout) and return its dataset.json.
+
+    Args:
+        out_dir: Destination folder; gets ``dataset.json``, ``imagesTr/`` and ``labelsTr/``.
+        kind: ``"ct"`` (abdomen, labels background/liver/lesion) or ``"mri"`` (head,
+            background/brain/lesion).
+        spatial_dims: 3 (volumes) or 2 (single axial slices saved as 2D NIfTI).
+        n_patients: Patients (default 8 in 3D, 100 in 2D).
+        size: In-plane voxels (default 96 in 3D, 128 in 2D).
+        seed: Equal arguments give byte-identical files.
+        lesion_fraction: Share of patients with 1..``max_lesions`` lesions (the rest healthy).
+        followup_fraction: Share of patients with a second time point.
+        max_lesions: Most lesions per patient.
+        overwrite: Replace a different dataset already in ``out_dir``.
+
+    Raises:
+        PhantomOutputError: ``out_dir`` holds a different dataset.json and ``overwrite`` is off.
+        ConfigError: An argument is out of range.
+    """
+    size = _DEFAULT_SIZE.get(spatial_dims, 0) if size is None else size
+    n_patients = _DEFAULT_PATIENTS.get(spatial_dims, 0) if n_patients is None else n_patients
+    shape, spacing = phantom_geometry(kind, spatial_dims, size)
+    if n_patients < 1 or max_lesions < 1:
+        raise ConfigError(
+            f"phantom: n_patients and max_lesions must be >= 1, got {n_patients} and {max_lesions}"
+        )
+    for name, value in (
+        ("lesion_fraction", lesion_fraction),
+        ("followup_fraction", followup_fraction),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"phantom: {name} must lie in [0, 1], got {value}")
+    out_dir = Path(out_dir)
+    json_path = out_dir / "dataset.json"
+    block = {
+        "generator": __name__,
+        "version": __version__,
+        "kind": kind,
+        "spatial_dims": spatial_dims,
+        "seed": seed,
+        "n_patients": n_patients,
+        "size": size,
+        "shape": list(shape),
+        "spacing_mm": [round(s, 4) for s in spacing[:spatial_dims]],
+        "lesion_fraction": lesion_fraction,
+        "followup_fraction": followup_fraction,
+        "max_lesions": max_lesions,
+        "intensity_unit": "HU" if kind == "ct" else "a.u.",
+        "lesion_labels": [LESION_LABEL],
+        "organ_label": ORGAN_LABEL,
+    }
+    old_files: set[str] = set()
+    if json_path.exists():
+        try:
+            old = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        same = isinstance(old, dict) and old.get("synthlesion") == json.loads(json.dumps(block))
+        if not same and not overwrite:
+            raise PhantomOutputError(
+                f"{json_path}: the folder already holds a different dataset.json; choose another "
+                "folder or pass overwrite (--overwrite) to replace it"
+            )
+        if isinstance(old, dict) and isinstance(old.get("synthlesion"), dict):
+            for entry in old.get("training", []):  # files of an earlier phantom run
+                old_files.update(str(entry.get(k, "")) for k in ("image", "label"))
+    plan = _plan(
+        seed, kind, spatial_dims, n_patients, lesion_fraction, followup_fraction, max_lesions
+    )
+    training = []
+    for index, (n_time_points, n_lesions) in enumerate(plan):
+        for case in make_phantom_patient(
+            kind,
+            spatial_dims,
+            patient_index=index,
+            n_time_points=n_time_points,
+            n_lesions=n_lesions,
+            size=size,
+            seed=seed,
+        ):
+            image = f"./imagesTr/{case.case_id}_0000.nii.gz"
+            label = f"./labelsTr/{case.case_id}.nii.gz"
+            save_image(case.image, out_dir / image)
+            save_image(case.label, out_dir / label)
+            training.append(
+                {
+                    "image": image,
+                    "label": label,
+                    "case_id": case.case_id,
+                    "patient_id": case.patient_id,
+                    "time_point": case.time_point,
+                    "has_lesion": case.has_lesion,
+                    "lesion_count": len(case.lesions),
+                    "lesions": [lesion.to_json() for lesion in case.lesions],
+                }
+            )
+    for stale in sorted(old_files - {t[k] for t in training for k in ("image", "label")}):
+        path = out_dir / stale
+        if (
+            stale.startswith(("./imagesTr/", "./labelsTr/"))
+            and ".." not in stale
+            and path.is_file()
+        ):
+            path.unlink()
+    organ = ORGAN_NAME[kind]
+    dataset = {
+        "name": f"synthlesion-phantom-{kind}-{spatial_dims}d",
+        "description": f"Procedural {MODALITY[kind]} phantom ({'abdomen' if kind == 'ct' else 'head'}"
+        f", {spatial_dims}D) with {organ} and lesion labels, made by synthlesion; synthetic, "
+        "no patient data.",
+        "reference": "synthlesion.data.phantom",
+        "licence": "CC0-1.0",
+        "tensorImageSize": f"{spatial_dims}D",
+        "modality": {"0": MODALITY[kind]},
+        "channel_names": {"0": MODALITY[kind]},
+        "labels": {"background": 0, organ: ORGAN_LABEL, "lesion": LESION_LABEL},
+        "numTraining": len(training),
+        "file_ending": ".nii.gz",
+        "training": training,
+        "synthlesion": block,
+    }
+    # One line per case keeps the file small and still readable (stdlib JSON either way).
+    head = json.dumps({**dataset, "training": "@training@"}, indent=2)
+    rows = ",\n".join("    " + json.dumps(entry) for entry in training)
+    atomic_write_text(json_path, head.replace('"@training@"', f"[\n{rows}\n  ]") + "\n")
+    logger.info("phantom: wrote %d cases to %s", len(training), out_dir)
+    return json_path
