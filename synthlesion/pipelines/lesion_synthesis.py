@@ -1,0 +1,478 @@
+"""Lesion synthesis: paint lesions into real scans inside target masks, touching nothing else.
+
+The pipeline works on regions of interest: each target lesion gets a crop of the model's
+training size around it, all crops go through the network as batches, and only the (dilated)
+lesion region of each crop is pasted back. Outside the dilated masks the output equals the
+input bit for bit, for every backend (the latent backend decodes, then blends in pixel space).
+
+Steps of ``__call__``:
+    1. check the inputs;
+    2. plan one region of interest per connected target lesion;
+    3. normalise each crop to [-1, 1] as in training and build the conditioning batch;
+    4. denoise every crop with the chosen scheduler, re-imposing the known region at each step
+       (RePaint), in batches that halve on out-of-memory errors;
+    5. decode, return to image units and paste back with a feather band inside the region;
+    6. measure each lesion against the quality gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from synthlesion.data.intensity import IntensityNormaliser
+from synthlesion.data.volume import Volume
+from synthlesion.errors import SynthlesionError
+from synthlesion.pipelines.quality import (
+    QualityGate,
+    QualityResult,
+    RealLesionReference,
+    evaluate_lesion,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("dpmsolver++", "ddim", "unipc", "ddpm")
+STATELESS_SCHEDULERS = ("ddim", "ddpm")  # resampling jumps need a scheduler without history
+
+
+class SynthesisError(SynthlesionError):
+    """The inputs of a synthesis run are unusable (mask does not fit, empty mask, ...)."""
+
+
+def make_scheduler(name: str, config: Any):  # noqa: ANN201 - a diffusers scheduler
+    """A diffusers sampling scheduler built from the model's training scheduler config.
+
+    Args:
+        name: ``"dpmsolver++"`` (default, about 20 steps), ``"ddim"``, ``"unipc"`` or ``"ddpm"``.
+        config: The training scheduler's ``config`` (``model.noise_scheduler.config``).
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    raise SynthesisError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region of interest: a crop of the scan around one target lesion.
+
+    Attributes:
+        index: Position of the lesion in the run (used to seed its noise).
+        start: Corner of the crop in source voxels (may be negative at the scan's edge; the
+            crop is padded there).
+        size: Crop size in voxels (the model's ROI size).
+        lesion_class: 1-based lesion class of the target.
+    """
+
+    index: int
+    start: tuple[int, ...]
+    size: tuple[int, ...]
+    lesion_class: int
+
+    def slices(self, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(source slices, crop slices) of the part of the crop inside a scan of ``shape``."""
+        src, dst = [], []
+        for s, z, n in zip(self.start, self.size, shape, strict=True):
+            lo, hi = max(s, 0), min(s + z, n)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - s, hi - s))
+        return tuple(src), tuple(dst)
+
+
+@dataclass
+class LesionSynthesisOutput:
+    """Result of one call.
+
+    Attributes:
+        image: The synthetic scan, same shape and dtype as the source.
+        lesion_mask: Target lesions painted (label values = lesion classes), shape ``S``.
+        regions: The regions of interest used.
+        quality: One quality record per region (never dropped).
+    """
+
+    image: np.ndarray
+    lesion_mask: np.ndarray
+    regions: list[Region]
+    quality: list[QualityResult] = field(default_factory=list)
+
+
+class LesionSynthesisPipeline:
+    """Mask-conditioned lesion synthesis with a trained :class:`LesionDiffusionModel`.
+
+    Args:
+        model: A trained model (``synthlesion.models.LesionDiffusionModel``).
+        normaliser: Intensity normalisation used in training.
+        roi_size: Crop size in voxels (the training crop size).
+        device: Where to run the network.
+        dtype: ``torch.float16``/``torch.bfloat16`` for autocast on a GPU, or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        normaliser: IntensityNormaliser,
+        roi_size: Sequence[int],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        reference: RealLesionReference | None = None,
+        gate: QualityGate | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.normaliser = normaliser
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.reference = reference
+        self.gate = gate or QualityGate()
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last) if len(self.roi_size) == 2 else None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **kwargs: Any) -> LesionSynthesisPipeline:
+        """Load a model folder; normalisation and ROI size come from its training record."""
+        from synthlesion.models import LesionDiffusionModel
+
+        model = LesionDiffusionModel.from_pretrained(model_dir)
+        record = read_training_record(model_dir)
+        data = record.get("data", {})
+        intensity = data.get("intensity")
+        if intensity is None or "roi_size" not in data:
+            raise SynthesisError(
+                f"{model_dir}: training record has no data section (intensity, roi_size); "
+                "it was not written by synthlesion training"
+            )
+        normaliser = IntensityNormaliser(
+            mode=intensity["mode"],
+            window=tuple(intensity["window"]),
+            percentiles=tuple(intensity["percentiles"]),
+        )
+        return cls(model, normaliser, data["roi_size"], **kwargs)
+
+    # -- step 1 -------------------------------------------------------------------------
+    def check_inputs(
+        self, image: Volume, lesion_mask: np.ndarray, organ_mask: np.ndarray | None
+    ) -> None:
+        dims = self.model.config.spatial_dims
+        if image.spatial_dims != dims:
+            raise SynthesisError(f"{image.source}: {image.spatial_dims}D scan for a {dims}D model")
+        if lesion_mask.shape != image.shape:
+            raise SynthesisError(
+                f"{image.source}: target mask shape {lesion_mask.shape} does not fit the image "
+                f"shape {image.shape}"
+            )
+        if np.issubdtype(lesion_mask.dtype, np.floating) and np.any(
+            lesion_mask != np.round(lesion_mask)
+        ):
+            raise SynthesisError(f"{image.source}: target mask holds fractional values")
+        if not np.any(lesion_mask > 0):
+            raise SynthesisError(f"{image.source}: target mask is empty")
+        classes = int(self.model.config.lesion_classes)
+        if lesion_mask.max() > classes or lesion_mask.min() < 0:
+            raise SynthesisError(
+                f"{image.source}: target mask values {np.unique(lesion_mask).tolist()} outside "
+                f"0..{classes} (the model's lesion classes)"
+            )
+        if organ_mask is not None and organ_mask.shape != image.shape:
+            raise SynthesisError(
+                f"{image.source}: organ mask shape {organ_mask.shape} != {image.shape}"
+            )
+
+    # -- step 2 -------------------------------------------------------------------------
+    def plan_regions(
+        self, lesion_mask: np.ndarray, components: np.ndarray, owned: np.ndarray
+    ) -> list[Region]:
+        """One ROI per connected target lesion, centred on it; refuses lesions larger than the ROI.
+
+        Args:
+            lesion_mask: Target lesion classes, shape ``S``.
+            components: Connected-component labels of the target lesions (1..N), shape ``S``.
+            owned: Region-to-fill voxels labelled with the component that owns them, shape ``S``.
+        """
+        regions = []
+        for index, box in enumerate(ndimage.find_objects(owned)):
+            if box is None:
+                continue
+            extent = [sl.stop - sl.start for sl in box]
+            if any(e > r for e, r in zip(extent, self.roi_size, strict=True)):
+                raise SynthesisError(
+                    f"target lesion {index} spans {extent} voxels (with its blend margin), more "
+                    f"than the model's region of interest {list(self.roi_size)}"
+                )
+            centre = [(sl.start + sl.stop) // 2 for sl in box]
+            start = tuple(c - r // 2 for c, r in zip(centre, self.roi_size, strict=True))
+            values = lesion_mask[components == index + 1]
+            regions.append(
+                Region(
+                    index, start, self.roi_size, int(np.bincount(values.astype(np.int64)).argmax())
+                )
+            )
+        return regions
+
+    def __call__(
+        self,
+        image: Volume,
+        lesion_mask: np.ndarray,
+        *,
+        organ_mask: np.ndarray | None = None,
+        scheduler: str = "dpmsolver++",
+        num_inference_steps: int = 20,
+        seed: int = 0,
+        batch_size: int = 8,
+        dilation_mm: float = 3.0,
+        feather_mm: float = 1.5,
+        resample_jumps: int = 0,
+        prompt: str | None = None,
+    ) -> LesionSynthesisOutput:
+        """Paint the lesions of ``lesion_mask`` into ``image``.
+
+        Args:
+            image: Source scan (values in image units: HU for CT).
+            lesion_mask: Target lesions, shape ``S``; 0 = none, k = lesion class k.
+            organ_mask: Optional boolean organ map (for the quality ring).
+            scheduler: One of :data:`SCHEDULERS`.
+            num_inference_steps: Denoising steps.
+            seed: Base seed; region ``i`` uses its own generator seeded from ``(seed, i)``, so
+                results do not depend on the batch size.
+            batch_size: Regions per network call (halved on out-of-memory errors).
+            dilation_mm: The region to fill is the lesion dilated by this margin (mm).
+            feather_mm: Width of the blend band inside the region's edge (mm).
+            resample_jumps: RePaint resampling jumps per step (DDPM and DDIM only).
+            prompt: Text prompt for the latent backend.
+        """
+        # 1. inputs
+        lesion_mask = np.asarray(lesion_mask)
+        self.check_inputs(image, lesion_mask, organ_mask)
+        if resample_jumps and scheduler not in STATELESS_SCHEDULERS:
+            raise SynthesisError(f"resampling jumps need ddpm or ddim, not {scheduler}")
+        spacing = image.spacing
+        lesion = lesion_mask > 0
+        components, _ = ndimage.label(lesion)
+        distance, nearest = ndimage.distance_transform_edt(
+            ~lesion, sampling=spacing, return_indices=True
+        )
+        region_mask = distance <= dilation_mm
+        owned = np.where(region_mask, components[tuple(nearest)], 0)  # each voxel's nearest lesion
+        # 2. regions
+        regions = self.plan_regions(lesion_mask, components, owned)
+        value_range = self.normaliser.range_of(image.array)
+        # 3. crops and conditioning (each crop sees only its own lesion and region)
+        crops = [
+            self._crop_inputs(image.array, lesion_mask, components, owned, r, value_range)
+            for r in regions
+        ]
+        # 4. denoising, in batches that halve on out-of-memory errors
+        generated = self._run_batches(
+            crops, regions, scheduler, num_inference_steps, seed, batch_size, resample_jumps, prompt
+        )
+        # 5. paste back: weight 1 on the lesion, a feather band at the region's edge, 0 outside
+        inside = ndimage.distance_transform_edt(region_mask, sampling=spacing)
+        weight = (
+            np.clip(inside / feather_mm, 0.0, 1.0) if feather_mm > 0 else region_mask.astype(float)
+        )
+        weight[lesion] = 1.0
+        weight[~region_mask] = 0.0
+        result = image.array.astype(np.float64).copy()
+        for region, crop in zip(regions, generated, strict=True):
+            src, dst = region.slices(image.shape)
+            values = self.normaliser.denormalise(crop, value_range)[dst]
+            mine = owned[src] == region.index + 1
+            w = weight[src] * mine
+            result[src] = np.where(mine, result[src] * (1 - w) + values * w, result[src])
+        output = _cast_like(result, image.array, region_mask)
+        # 6. quality gates
+        quality = [
+            evaluate_lesion(
+                image.array,
+                output,
+                components == r.index + 1,
+                owned == r.index + 1,
+                spacing,
+                self.reference,
+                self.gate,
+                tissue=organ_mask,
+            )
+            for r in regions
+        ]
+        painted = np.where(lesion, lesion_mask, 0).astype(np.uint8)
+        return LesionSynthesisOutput(output, painted, regions, quality)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _crop_inputs(self, array, lesion_mask, components, owned, region: Region, value_range):  # noqa: ANN001, ANN202
+        src, dst = region.slices(array.shape)
+        image = np.full(region.size, -1.0, dtype=np.float32)
+        image[dst] = self.normaliser.normalise(array[src], value_range)
+        fill = np.zeros(region.size, dtype=np.float32)
+        fill[dst] = owned[src] == region.index + 1
+        classes = int(self.model.config.lesion_classes)
+        lesion = np.zeros((classes, *region.size), dtype=np.float32)
+        mine = components[src] == region.index + 1
+        for k in range(classes):
+            lesion[k][dst] = mine & (lesion_mask[src] == k + 1)
+        return image, fill, lesion
+
+    def _run_batches(self, crops, regions, scheduler_name, steps, seed, batch_size, jumps, prompt):  # noqa: ANN001, ANN202
+        results: list[np.ndarray | None] = [None] * len(crops)
+        start = 0
+        size = max(1, int(batch_size))
+        while start < len(crops):
+            chunk = list(range(start, min(start + size, len(crops))))
+            try:
+                out = self._denoise(
+                    [crops[i] for i in chunk],
+                    [regions[i] for i in chunk],
+                    scheduler_name,
+                    steps,
+                    seed,
+                    jumps,
+                    prompt,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                logger.warning(
+                    "out of GPU memory: retrying regions %s with batch size %d", chunk, size
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            for i, array in zip(chunk, out, strict=True):
+                results[i] = array
+            start += len(chunk)
+        return results
+
+    @torch.no_grad()
+    def _denoise(self, crops, regions, scheduler_name, steps, seed, jumps, prompt):  # noqa: ANN001, ANN202
+        model = self.model
+        device = self.device
+        batch = {
+            "image": torch.from_numpy(np.stack([c[0] for c in crops]))[:, None].to(device),
+            "region": torch.from_numpy(np.stack([c[1] for c in crops]))[:, None].to(device),
+            "lesion": torch.from_numpy(np.stack([c[2] for c in crops])).to(device),
+        }
+        if getattr(model.config, "num_class_embeds", None):
+            batch["class_labels"] = torch.tensor(
+                [r.lesion_class - 1 for r in regions], device=device
+            )
+        if prompt is not None:
+            batch["prompt"] = [prompt] * len(crops)
+        if getattr(model.config, "num_attributes", 0):
+            raise SynthesisError(
+                "models conditioned on attributes are not supported for sampling yet"
+            )
+        cond = model.prepare(batch)
+        generators = [
+            torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + r.index) for r in regions
+        ]
+        sched = make_scheduler(scheduler_name, model.noise_scheduler.config)
+        # stochastic steps draw per-region noise, so results do not depend on the batching
+        step_kwargs = {"generator": generators} if scheduler_name == "ddpm" else {}
+        sched.set_timesteps(steps, device=device)
+        known = model.encode(batch["image"])
+        region = _mask_to(batch["region"], known.shape[2:])
+        noise = torch.stack([torch.randn(known.shape[1:], generator=g) for g in generators]).to(
+            device, known.dtype
+        )
+        x = noise * sched.init_noise_sigma
+        timesteps = list(sched.timesteps)
+        autocast = (
+            torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None else _null()
+        )
+        for i, t in enumerate(timesteps):
+            for jump in range(jumps + 1):
+                model_in = sched.scale_model_input(x, t)
+                with autocast:
+                    pred = model.predict(model_in, t.expand(len(crops)).to(device), cond)
+                x = sched.step(pred.float(), t, x, **step_kwargs).prev_sample
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                # RePaint: outside the region, the known image at the next noise level
+                if t_prev is not None:
+                    fresh = torch.stack(
+                        [torch.randn(known.shape[1:], generator=g) for g in generators]
+                    ).to(device, known.dtype)
+                    x = region * x + (1 - region) * sched.add_noise(known, fresh, t_prev.reshape(1))
+                else:
+                    x = region * x + (1 - region) * known
+                if jump < jumps and t_prev is not None:
+                    x = _renoise(sched, x, t, t_prev, generators)
+        decoded = model.decode(x).float().clamp(-1, 1)
+        return [d[0].cpu().numpy() for d in decoded]
+
+
+def read_training_record(model_dir: str | Path) -> dict[str, Any]:
+    """The model folder's ``training_record.json``; a model without one is refused."""
+    path = Path(model_dir) / "training_record.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SynthesisError(
+            f"{model_dir}: no training_record.json; only models trained by synthlesion (whose "
+            "training patients are recorded) can make synthetic cases"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SynthesisError(f"{path}: unreadable training record ({exc})") from None
+    if not isinstance(record, dict):
+        raise SynthesisError(f"{path}: training record must be a JSON object")
+    return record
+
+
+def _mask_to(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A region mask at the denoising resolution: max-pool down (never blend a mask)."""
+    if tuple(mask.shape[2:]) == tuple(shape):
+        return mask
+    factor = [m // s for m, s in zip(mask.shape[2:], shape, strict=True)]
+    pool = F.max_pool2d if mask.ndim == 4 else F.max_pool3d
+    return pool(mask, kernel_size=factor, stride=factor)
+
+
+def _renoise(sched, x, t, t_prev, generators):  # noqa: ANN001, ANN202
+    """One forward diffusion step from ``t_prev`` back to ``t`` (RePaint resampling)."""
+    alphas = sched.alphas_cumprod.to(x.device)
+    ratio = alphas[int(t)] / alphas[int(t_prev)]
+    noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(
+        x.device, x.dtype
+    )
+    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+
+
+def _cast_like(values: np.ndarray, source: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Cast to the source dtype, clipped to the source's range; outside ``region`` the source."""
+    low, high = float(source.min()), float(source.max())
+    clipped = np.clip(values, low, high)
+    if np.issubdtype(source.dtype, np.integer):
+        clipped = np.rint(clipped)
+    out = source.copy()
+    out[region] = clipped[region].astype(source.dtype)
+    return out
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False

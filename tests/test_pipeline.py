@@ -1,0 +1,126 @@
+"""Lesion synthesis pipeline: region-of-interest sampling, background untouched bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from synthlesion.data.intensity import IntensityNormaliser
+from synthlesion.data.volume import Volume
+from synthlesion.models import LesionDiffusionModel, ModelConfig
+from synthlesion.pipelines.lesion_synthesis import (
+    SCHEDULERS,
+    LesionSynthesisPipeline,
+    SynthesisError,
+)
+
+AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])
+
+
+def tiny_model(spatial_dims: int) -> LesionDiffusionModel:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        spatial_dims=spatial_dims, sample_size=16, channels=(8, 16), attention_levels=(False, False),
+        layers_per_block=1, norm_num_groups=4, num_train_timesteps=100,
+    )
+    return LesionDiffusionModel.from_config(config)
+
+
+def ct_scan(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    image = (60 + rng.normal(0, 12, shape)).astype(np.int16)
+    image[..., :2] = -1000
+    return image
+
+
+def lesion_at(shape, centre, radius):
+    grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    return (sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pipe2d():
+    return LesionSynthesisPipeline(tiny_model(2), IntensityNormaliser.for_modality("CT"), (16, 16))
+
+
+def test_outside_the_dilated_mask_is_bit_identical_and_dtype_kept(pipe2d):
+    shape = (40, 36)
+    image = Volume(ct_scan(shape), np.diag([0.8, 0.8, 1.0, 1.0]))
+    target = lesion_at(shape, (12, 10), 3) + lesion_at(shape, (28, 25), 2)
+    out = pipe2d(image, target, num_inference_steps=4, seed=1, dilation_mm=2.0)
+    assert out.image.dtype == np.int16 and out.image.shape == shape
+    distance_region = out.regions and len(out.regions) == 2
+    assert distance_region
+    from scipy import ndimage
+
+    outside = ndimage.distance_transform_edt(target == 0, sampling=(0.8, 0.8)) > 2.0
+    assert np.array_equal(out.image[outside], image.array[outside])
+    assert not np.array_equal(out.image[target > 0], image.array[target > 0])
+    assert out.image.min() >= image.array.min() and out.image.max() <= image.array.max()
+    assert len(out.quality) == 2 and all(q.stats.voxels > 0 for q in out.quality)
+    assert set(np.unique(out.lesion_mask)) == {0, 1}
+
+
+def test_result_does_not_depend_on_batch_size(pipe2d):
+    shape = (40, 36)
+    image = Volume(ct_scan(shape), np.diag([0.8, 0.8, 1.0, 1.0]))
+    target = lesion_at(shape, (12, 10), 3) + lesion_at(shape, (28, 25), 2)
+    one = pipe2d(image, target, num_inference_steps=3, seed=5, batch_size=1, scheduler="ddpm")
+    two = pipe2d(image, target, num_inference_steps=3, seed=5, batch_size=2, scheduler="ddpm")
+    assert np.array_equal(one.image, two.image)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_runs(pipe2d, scheduler):
+    shape = (24, 24)
+    image = Volume(ct_scan(shape), np.diag([1.0, 1.0, 1.0, 1.0]))
+    out = pipe2d(image, lesion_at(shape, (12, 12), 3), scheduler=scheduler, num_inference_steps=3)
+    assert out.image.shape == shape
+
+
+def test_resampling_jumps_need_a_stateless_scheduler(pipe2d):
+    shape = (24, 24)
+    image = Volume(ct_scan(shape), np.eye(4))
+    target = lesion_at(shape, (12, 12), 3)
+    assert pipe2d(image, target, scheduler="ddim", num_inference_steps=2, resample_jumps=1).image.shape == shape
+    with pytest.raises(SynthesisError, match="resampling jumps"):
+        pipe2d(image, target, scheduler="dpmsolver++", resample_jumps=1)
+
+
+def test_lesion_at_the_scan_edge_is_padded(pipe2d):
+    shape = (20, 20)
+    image = Volume(ct_scan(shape), np.eye(4))
+    target = lesion_at(shape, (1, 18), 2)
+    out = pipe2d(image, target, num_inference_steps=2)
+    assert out.regions[0].start[0] < 0  # the crop reaches outside the scan
+
+
+def test_bad_inputs(pipe2d):
+    image = Volume(ct_scan((24, 24)), np.eye(4))
+    with pytest.raises(SynthesisError, match="does not fit"):
+        pipe2d(image, np.zeros((20, 24), np.uint8))
+    with pytest.raises(SynthesisError, match="empty"):
+        pipe2d(image, np.zeros((24, 24), np.uint8))
+    with pytest.raises(SynthesisError, match="fractional"):
+        pipe2d(image, lesion_at((24, 24), (12, 12), 3) * 0.5)
+    with pytest.raises(SynthesisError, match="region of interest"):
+        pipe2d(image, lesion_at((24, 24), (12, 12), 10))
+    with pytest.raises(SynthesisError, match="lesion classes"):
+        pipe2d(image, lesion_at((24, 24), (12, 12), 3) * 3)
+    volume3d = Volume(ct_scan((8, 8, 8)), np.eye(4))
+    with pytest.raises(SynthesisError, match="3D scan for a 2D model"):
+        pipe2d(volume3d, lesion_at((8, 8, 8), (4, 4, 4), 2))
+
+
+@pytest.mark.slow
+def test_3d_region_sampling():
+    pipe = LesionSynthesisPipeline(tiny_model(3), IntensityNormaliser.for_modality("CT"), (16, 16, 16))
+    shape = (30, 28, 20)
+    image = Volume(ct_scan(shape), AFFINE)
+    target = lesion_at(shape, (15, 14, 10), 3)
+    out = pipe(image, target, num_inference_steps=2, dilation_mm=2.0)
+    from scipy import ndimage
+
+    outside = ndimage.distance_transform_edt(target == 0, sampling=(0.8, 0.8, 2.0)) > 2.0
+    assert np.array_equal(out.image[outside], image.array[outside])
