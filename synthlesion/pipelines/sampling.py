@@ -1,0 +1,426 @@
+"""``synthlesion sample``: write synthetic lesion cases into a synthetic set, with provenance.
+
+For each source scan of the training split (healthy scans first: that is where new lesions add
+the most) it draws target lesion masks (transplanted real lesions, procedural ellipsoids or
+user masks) at allowed positions, runs :class:`LesionSynthesisPipeline`, writes image and mask
+(temporary name, then rename) and appends one manifest row last. A rerun after an interruption
+makes only the missing cases, with the same per-case seeds as an uninterrupted run.
+
+Guards: sources come from the train split only (a synthetic case inherits its source patient's
+split); a model whose training record lists a val or test patient is refused; an output folder
+holding a manifest of another model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from synthlesion.data.cases import Case
+from synthlesion.data.io import load_image, save_image
+from synthlesion.data.sources import load_cases
+from synthlesion.data.splits import load_splits
+from synthlesion.data.volume import Volume, geometry_differences
+from synthlesion.errors import GeometryError, ImageReadError, SynthlesionError
+from synthlesion.masks import (
+    MaskBank,
+    PlacementConstraint,
+    PlacementError,
+    jitter_mask,
+    place_mask,
+    procedural_mask,
+)
+from synthlesion.pipelines.lesion_synthesis import (
+    LesionSynthesisPipeline,
+    SynthesisError,
+    read_training_record,
+)
+from synthlesion.pipelines.quality import RealLesionReference
+from synthlesion.storage import atomic_write_json, canonical_json_hash
+
+logger = logging.getLogger(__name__)
+
+MaskSource = Literal["bank", "procedural", "user"]
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Settings of a sampling run.
+
+    Attributes:
+        per_case: Synthetic cases made from each source scan.
+        lesions_per_case: Target lesions placed in each synthetic case.
+        scheduler: ``dpmsolver++``, ``ddim``, ``unipc`` or ``ddpm``.
+        steps: Denoising steps.
+        seed: Base seed; each case's seed is derived from it and the case id.
+        batch_size: Regions per network call.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        mask_source: ``bank`` (real lesions of the train split, transplanted), ``procedural``
+            or ``user`` (``user_masks`` folder with ``{source case id}.nii.gz``).
+        user_masks: Folder of user masks.
+        healthy_only: Use only source scans without a lesion.
+        limit: Largest number of synthetic cases (``None``: all).
+        min_border_distance_mm: Distance kept from the organ's border.
+        min_lesion_distance_mm: Distance kept from existing lesions.
+        dilation_mm: Blend margin around each lesion (mm).
+        feather_mm: Feather band inside the margin (mm).
+        lesion_volume_mm3: ``(low, high)`` for procedural sizes when there is no real lesion to
+            learn sizes from.
+    """
+
+    per_case: int = 1
+    lesions_per_case: int = 1
+    scheduler: str = "dpmsolver++"
+    steps: int = 20
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+    mask_source: MaskSource = "bank"
+    user_masks: Path | None = None
+    healthy_only: bool = False
+    limit: int | None = None
+    min_border_distance_mm: float = 2.0
+    min_lesion_distance_mm: float = 5.0
+    dilation_mm: float = 3.0
+    feather_mm: float = 1.5
+    lesion_volume_mm3: tuple[float, float] = (50.0, 2000.0)
+
+
+@dataclass
+class SamplingReport:
+    """What a run did; every failed case is listed, never dropped silently."""
+
+    out_dir: Path
+    manifest: Path
+    written: list[str] = field(default_factory=list)
+    skipped_existing: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    rejected_by_quality: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def case_seed(base_seed: int, case_id: str) -> int:
+    """A per-case seed that depends only on the base seed and the case id."""
+    digest = hashlib.sha256(f"{base_seed}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def run_sampling(
+    model_dir: str | Path,
+    data: str | Path,
+    splits_path: str | Path,
+    out_dir: str | Path,
+    options: SampleOptions | None = None,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+    patient_pattern: str | None = None,
+) -> SamplingReport:
+    """Make synthetic lesion cases from the train split; see the module docstring.
+
+    Args:
+        model_dir: Trained model folder (with ``training_record.json``).
+        data: Real cases (dataset.json, manifest or folder).
+        splits_path: The locked splits file of ``data``.
+        out_dir: Synthetic set folder (``imagesTr/``, ``labelsTr/``, ``manifest.jsonl``).
+        options: Run settings.
+        progress: Called as ``progress(done, total, case_id)`` after each case.
+        patient_pattern: Regex over case ids for sources without patient ids.
+
+    Raises:
+        SynthesisError: a model trained on an evaluation patient, a model without a training
+            record, a foreign manifest in ``out_dir``, no source scan.
+    """
+    from synthlesion.dataset.manifest import ManifestWriter
+    from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id
+
+    options = options or SampleOptions()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    model_dir = Path(model_dir)
+    splits = load_splits(splits_path)
+    cases = load_cases(data, patient_pattern=patient_pattern)
+    splits.require_matches(cases)
+    record = read_training_record(model_dir)
+    trained = set(record.get("patient_id_hashes") or [])
+    evaluation = [p for side in ("val", "test") for p in splits.patients(side)]
+    leaked = sorted(p for p in evaluation if hash_patient_id(p) in trained)
+    if leaked:
+        raise SynthesisError(
+            f"{model_dir}: its training record lists evaluation patient(s) {', '.join(leaked[:10])}; "
+            "a generator that saw a val or test patient cannot make training data"
+        )
+    if not trained:
+        raise SynthesisError(f"{model_dir}: training record lists no training patients")
+    data_facts = record.get("data", {})
+    lesion_values = [int(v) for v in data_facts.get("lesion_label_values", [2])]
+    organ_values = tuple(int(v) for v in data_facts.get("organ_label_values", [1]))
+    train_cases = [c for c in cases if splits.side_of_patient(c.patient_id) == "train"]
+    sources = [c for c in train_cases if c.mask is not None]
+    skipped = len(cases) - len(train_cases)
+    if skipped:
+        logger.info("%d case(s) of val/test patients are not used as sources", skipped)
+    if options.healthy_only:
+        sources = [c for c in sources if c.has_lesion is False]
+    sources.sort(key=lambda c: (c.has_lesion is not False, c.case_id))  # healthy first
+    if not sources:
+        raise SynthesisError(f"{data}: no labelled source scan in the train split")
+
+    lesion_cases = [c for c in train_cases if c.mask is not None and c.has_lesion is not False]
+    bank = None
+    if options.mask_source in ("bank", "procedural"):
+        try:
+            bank = MaskBank.from_cases(lesion_cases)
+        except PlacementError:
+            if options.mask_source == "bank":
+                raise SynthesisError(
+                    f"{data}: no real lesion in the train split to transplant"
+                ) from None
+    reference = None
+    try:
+        reference = RealLesionReference.from_cases(lesion_cases, organ_labels=organ_values)
+    except ValueError:
+        logger.warning("no real lesion in the train split: quality gates run without a reference")
+
+    pipeline = LesionSynthesisPipeline.from_pretrained(
+        str(model_dir), device=options.device, reference=reference
+    )
+    generator = GeneratorRef.from_folder(model_dir, record_as=str(model_dir.resolve()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "manifest.jsonl"
+    try:
+        writer = ManifestWriter(manifest, out_dir, generator=generator, splits_sha256=splits.sha256)
+    except SynthlesionError as exc:
+        raise SynthesisError(
+            f"{out_dir}: holds a manifest of another run or model ({exc}); use a new folder"
+        ) from None
+    atomic_write_json(
+        out_dir / "sample_options.json",
+        {
+            "model": str(model_dir),
+            "data": str(data),
+            "splits": str(splits_path),
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+        },
+    )
+    report = SamplingReport(out_dir, manifest)
+    plan = [(src, k) for src in sources for k in range(options.per_case)]
+    if options.limit is not None:
+        plan = plan[: options.limit]
+    with writer:
+        for done, (source, k) in enumerate(plan, start=1):
+            case_id = f"syn_{source.case_id}_{k:02d}"
+            if case_id in writer:
+                report.skipped_existing.append(case_id)
+            else:
+                try:
+                    passed = _make_case(
+                        case_id,
+                        source,
+                        k,
+                        pipeline,
+                        bank,
+                        options,
+                        writer,
+                        lesion_values,
+                        organ_values,
+                        out_dir,
+                    )
+                    report.written.append(case_id)
+                    if not passed:
+                        report.rejected_by_quality.append(case_id)
+                except (SynthesisError, PlacementError, ImageReadError, GeometryError) as exc:
+                    logger.warning("%s: %s", case_id, exc)
+                    report.failed.append(
+                        {"case_id": case_id, "source": source.case_id, "problem": str(exc)}
+                    )
+            if progress is not None:
+                progress(done, len(plan), case_id)
+    report.seconds = time.perf_counter() - started
+    atomic_write_json(
+        out_dir / "sample_report.json",
+        {
+            "written": report.written,
+            "skipped_existing": report.skipped_existing,
+            "failed": report.failed,
+            "rejected_by_quality": report.rejected_by_quality,
+            "seconds": round(report.seconds, 3),
+        },
+    )
+    return report
+
+
+def _make_case(
+    case_id,
+    source: Case,
+    k,
+    pipeline,
+    bank,
+    options,
+    writer,
+    lesion_values,  # noqa: ANN001
+    organ_values,
+    out_dir: Path,
+) -> bool:
+    seed = case_seed(options.seed, case_id)
+    rng = np.random.default_rng(seed)
+    image = load_image(source.image)
+    labels = load_image(source.mask)
+    problems = geometry_differences(image, labels)
+    if problems:
+        raise SynthesisError(f"{source.mask}: does not match {source.image}: {problems[0][1]}")
+    target, mask_facts = _target_mask(
+        case_id, source, image, labels, rng, pipeline, bank, options, lesion_values, organ_values
+    )
+    organ = np.isin(labels.array, organ_values)
+    result = pipeline(
+        image,
+        target,
+        organ_mask=organ,
+        scheduler=options.scheduler,
+        num_inference_steps=options.steps,
+        seed=seed,
+        batch_size=options.batch_size,
+        dilation_mm=options.dilation_mm,
+        feather_mm=options.feather_mm,
+    )
+    label_map = labels.array.copy()
+    for cls_index, value in enumerate(lesion_values, start=1):
+        label_map[result.lesion_mask == cls_index] = value
+    image_rel = f"imagesTr/{case_id}_0000.nii.gz"
+    mask_rel = f"labelsTr/{case_id}.nii.gz"
+    save_image(image.with_array(result.image), out_dir / image_rel)
+    save_image(labels.with_array(label_map.astype(labels.array.dtype)), out_dir / mask_rel)
+    quality = {
+        "passed": all(q.passed for q in result.quality),
+        "lesions": [q.to_dict() for q in result.quality],
+        "mask_facts": mask_facts,
+    }
+    writer.append_case(
+        case_id=case_id,
+        source=source,
+        images=[image_rel],
+        mask=mask_rel,
+        mask_origin=options.mask_source,
+        scheduler=options.scheduler,
+        steps=options.steps,
+        seed=seed,
+        quality=quality,
+        source_split="train",
+        mask_source_sha256=mask_facts.get("mask_sha256"),
+        mask_source_case=mask_facts.get("source_case"),
+        mask_source_patient=mask_facts.get("source_patient"),
+    )
+    return bool(quality["passed"])
+
+
+def _target_mask(
+    case_id,
+    source,
+    image: Volume,
+    labels: Volume,
+    rng,
+    pipeline,
+    bank,  # noqa: ANN001
+    options: SampleOptions,
+    lesion_values,
+    organ_values,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    spacing = image.spacing
+    if options.mask_source == "user":
+        if options.user_masks is None:
+            raise SynthesisError("mask source 'user' needs a folder of masks (--user-masks)")
+        path = Path(options.user_masks) / f"{source.case_id}.nii.gz"
+        user = load_image(path)
+        problems = geometry_differences(image, user)
+        if problems:
+            raise SynthesisError(f"{path}: user mask does not fit {source.image}: {problems[0][1]}")
+        target = np.asarray(user.array)
+        if np.issubdtype(target.dtype, np.floating) and np.any(target != np.round(target)):
+            raise SynthesisError(f"{path}: user mask holds fractional values")
+        target = target.astype(np.int64)
+        if not target.any():
+            raise SynthesisError(f"{path}: user mask is empty")
+        allowed = PlacementConstraint(
+            tissue_labels=organ_values,
+            min_border_distance_mm=0,
+            min_lesion_distance_mm=0,
+            existing_lesion_labels=(),
+        ).allowed(labels.array, image.array, spacing)
+        if not allowed[target > 0].all():
+            raise SynthesisError(
+                f"{path}: user mask reaches outside the allowed tissue {list(organ_values)}"
+            )
+        return target, {"origin": "user", "path": str(path)}
+    constraint = PlacementConstraint(
+        tissue_labels=organ_values,
+        min_border_distance_mm=options.min_border_distance_mm,
+        min_lesion_distance_mm=options.min_lesion_distance_mm,
+        existing_lesion_labels=tuple(lesion_values),
+    )
+    allowed = constraint.allowed(labels.array, image.array, spacing)
+    target = np.zeros(image.shape, dtype=np.int64)
+    facts: dict[str, Any] = {"origin": options.mask_source, "lesions": []}
+    roi = np.asarray(pipeline.roi_size)
+    margin = np.ceil(2 * options.dilation_mm / np.asarray(spacing)).astype(int) + 2
+    for _ in range(options.lesions_per_case):
+        for _attempt in range(20):
+            if options.mask_source == "bank":
+                lesion = bank.draw(rng)
+                patch = jitter_mask(lesion.patch, lesion.spacing, spacing, rng)
+                drawn = {
+                    "source_case": lesion.source_case,
+                    "source_patient": lesion.source_patient,
+                    "mask_sha256": lesion.mask_sha256,
+                }
+            else:
+                volume = _draw_volume(rng, bank, options.lesion_volume_mm3)
+                patch = procedural_mask(rng, spacing, volume)
+                drawn = {"volume_mm3": round(float(volume), 2)}
+            if patch.any() and np.all(np.asarray(patch.shape) + margin <= roi):
+                break
+        else:
+            raise SynthesisError(
+                f"{case_id}: no lesion drawn fits the model's region of interest {list(roi)}"
+            )
+        placed, corner = place_mask(patch, allowed, rng)
+        target[placed] = 1
+        facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(placed.sum())})
+        # keep later lesions away from this one
+        from scipy import ndimage
+
+        away = (
+            ndimage.distance_transform_edt(~placed, sampling=spacing)
+            > options.min_lesion_distance_mm
+        )
+        allowed &= away
+    if options.mask_source == "bank" and facts["lesions"]:
+        first = facts["lesions"][0]
+        facts.update({k: first[k] for k in ("source_case", "source_patient", "mask_sha256")})
+    return target, facts
+
+
+def _draw_volume(
+    rng: np.random.Generator, bank: MaskBank | None, fallback: Sequence[float]
+) -> float:
+    """A lesion volume from the real lesions' distribution (log-normal fit), else uniform."""
+    if bank is not None and len(bank.lesions) >= 2:
+        logs = np.log(bank.volumes_mm3())
+        return float(np.exp(rng.normal(logs.mean(), max(logs.std(), 0.1))))
+    if bank is not None:
+        return float(bank.lesions[0].volume_mm3 * rng.uniform(0.7, 1.3))
+    return float(np.exp(rng.uniform(np.log(fallback[0]), np.log(fallback[1]))))
+
+
+def options_hash(options: SampleOptions) -> str:
+    """Stable hash of the options (recorded with the run)."""
+    return canonical_json_hash({k: str(v) for k, v in options.__dict__.items()})
+
+
+__all__ = ["SampleOptions", "SamplingReport", "case_seed", "run_sampling"]

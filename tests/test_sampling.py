@@ -1,0 +1,145 @@
+"""`synthlesion sample`: guards, provenance rows, resume with the same seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synthlesion.cli import main
+from synthlesion.data.io import load_image
+from synthlesion.data.phantom import make_phantom_dataset
+from synthlesion.data.sources import load_cases
+from synthlesion.data.splits import load_splits, save_splits, split_patients
+from synthlesion.dataset.manifest import read_manifest
+from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, hash_patient_id
+from synthlesion.models import LesionDiffusionModel, ModelConfig
+from synthlesion.pipelines.lesion_synthesis import SynthesisError
+from synthlesion.pipelines.sampling import SampleOptions, run_sampling
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling")
+    dataset = make_phantom_dataset(root / "phantom", kind="ct", spatial_dims=2, n_patients=8, size=64, seed=3)
+    cases = load_cases(dataset)
+    splits = split_patients(cases, seed=0)
+    save_splits(splits, root / "splits.json")
+    torch.manual_seed(0)
+    model = LesionDiffusionModel.from_config(ModelConfig(
+        spatial_dims=2, sample_size=32, channels=(8, 16), attention_levels=(False, False),
+        layers_per_block=1, norm_num_groups=4, num_train_timesteps=50,
+    ))
+
+    def save(path, patients):
+        record = {
+            "patient_hash_scheme": PATIENT_HASH_SCHEME,
+            "patient_id_hashes": sorted(hash_patient_id(p) for p in patients),
+            "data": {"intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
+                     "roi_size": [32, 32], "modality": "CT", "lesion_label_values": [2],
+                     "organ_label_values": [1]},
+        }
+        model.save_pretrained(path, training_record=record)
+        return path
+
+    good = save(root / "model", splits.patients("train"))
+    leaky = save(root / "leaky", [*splits.patients("train"), splits.patients("test")[0]])
+    return {"root": root, "dataset": dataset, "splits": root / "splits.json", "model": good,
+            "leaky": leaky, "cases": cases, "split": splits}
+
+
+def test_cli_writes_cases_rows_and_keeps_geometry(world, capsys):
+    out = world["root"] / "syn_cli"
+    status = main(["sample", "--model", str(world["model"]), "--data", str(world["dataset"]),
+                   "--splits", str(world["splits"]), "--out", str(out), "--steps", "3",
+                   "--limit", "3", "--mask-source", "procedural"])
+    assert status == 0, capsys.readouterr()
+    rows = list(read_manifest(out / "manifest.jsonl", out))
+    assert len(rows) == 3
+    split = world["split"]
+    by_id = {c.case_id: c for c in world["cases"]}
+    for row in rows:
+        assert split.side_of_patient(row.source_patient) == "train"
+        source = by_id[row.source_case]
+        image = load_image(out / row.images[0])
+        original = load_image(source.image)
+        assert image.array.dtype == original.array.dtype
+        np.testing.assert_allclose(image.affine, original.affine)
+        mask = load_image(out / row.mask)
+        assert set(np.unique(mask.array)) <= {0, 1, 2}
+        assert (mask.array == 2).sum() > (load_image(source.mask).array == 2).sum()
+        assert row.scheduler == "dpmsolver++" and row.steps == 3 and "passed" in row.quality
+    options = json.loads((out / "sample_options.json").read_text())
+    assert options["mask_source"] == "procedural"
+
+
+def test_resume_makes_only_missing_cases_with_the_same_seeds(world):
+    options = SampleOptions(steps=2, limit=4, mask_source="bank", scheduler="ddim")
+    straight = world["root"] / "straight"
+    run_sampling(world["model"], world["dataset"], world["splits"], straight, options)
+    resumed = world["root"] / "resumed"
+    first = run_sampling(world["model"], world["dataset"], world["splits"], resumed,
+                         SampleOptions(steps=2, limit=2, mask_source="bank", scheduler="ddim"))
+    assert len(first.written) == 2
+    second = run_sampling(world["model"], world["dataset"], world["splits"], resumed, options)
+    assert len(second.skipped_existing) == 2 and len(second.written) == 2
+    a = {r.case_id: r for r in read_manifest(straight / "manifest.jsonl", straight)}
+    b = {r.case_id: r for r in read_manifest(resumed / "manifest.jsonl", resumed)}
+    assert a.keys() == b.keys()
+    for case_id in a:
+        assert a[case_id].seed == b[case_id].seed
+        assert a[case_id].image_sha256 == b[case_id].image_sha256
+        assert a[case_id].mask_sha256 == b[case_id].mask_sha256
+        assert a[case_id].mask_source_patient in world["split"].patients("train")
+
+
+def test_a_model_trained_on_an_evaluation_patient_is_refused(world):
+    with pytest.raises(SynthesisError, match="evaluation patient"):
+        run_sampling(world["leaky"], world["dataset"], world["splits"], world["root"] / "leak")
+    assert not (world["root"] / "leak" / "manifest.jsonl").exists()
+
+
+def test_model_without_training_record_and_foreign_manifest(world, tmp_path):
+    bare = tmp_path / "bare"
+    LesionDiffusionModel.from_pretrained(world["model"]).save_pretrained(bare)
+    with pytest.raises(SynthesisError, match="training_record"):
+        run_sampling(bare, world["dataset"], world["splits"], tmp_path / "x")
+    out = world["root"] / "syn_cli"  # holds the good model's manifest
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(world["model"], other)
+    record = json.loads((other / "training_record.json").read_text())
+    record["note"] = "another model"
+    (other / "training_record.json").write_text(json.dumps(record))
+    with pytest.raises(SynthesisError, match="another run or model"):
+        run_sampling(other, world["dataset"], world["splits"], out, SampleOptions(steps=1, limit=1))
+
+
+def test_user_mask_outside_the_tissue_is_reported(world, tmp_path):
+    split = world["split"]
+    source = next(c for c in world["cases"] if split.side_of_patient(c.patient_id) == "train")
+    labels = load_image(source.mask)
+    bad = np.zeros(labels.shape, np.uint8)
+    bad[0:3, 0:3] = 1  # air in the corner
+    from synthlesion.data.io import save_image
+
+    masks = tmp_path / "masks"
+    save_image(labels.with_array(bad), masks / f"{source.case_id}.nii.gz")
+    report = run_sampling(world["model"], world["dataset"], world["splits"], tmp_path / "user",
+                          SampleOptions(steps=1, mask_source="user", user_masks=masks, limit=8))
+    problems = {f["source"]: f["problem"] for f in report.failed}
+    assert "outside the allowed tissue" in problems[source.case_id]
+    assert all(c not in report.written for c in [f"syn_{source.case_id}_00"])
+
+
+def test_splits_that_do_not_match_the_data_are_refused(world, tmp_path):
+    other = split_patients(load_cases(world["dataset"])[:-2], seed=1)
+    save_splits(other, tmp_path / "s.json")
+    from synthlesion.errors import SplitError
+
+    with pytest.raises(SplitError, match="not in the splits"):
+        run_sampling(world["model"], world["dataset"], tmp_path / "s.json", tmp_path / "o")
+    assert load_splits(tmp_path / "s.json").sha256 == other.sha256
