@@ -101,6 +101,17 @@ class Region:
         return tuple(src), tuple(dst)
 
 
+@dataclass(frozen=True)
+class _LocalRegion:
+    """One lesion's blend region in a box of the scan: global box slices and, inside it, the
+    lesion, the region to fill and the paste weight (all shaped like the box)."""
+
+    box: tuple[slice, ...]
+    lesion: np.ndarray
+    region: np.ndarray
+    weight: np.ndarray
+
+
 @dataclass
 class LesionSynthesisOutput:
     """Result of one call.
@@ -203,34 +214,59 @@ class LesionSynthesisPipeline:
 
     # -- step 2 -------------------------------------------------------------------------
     def plan_regions(
-        self, lesion_mask: np.ndarray, components: np.ndarray, owned: np.ndarray
-    ) -> list[Region]:
-        """One ROI per connected target lesion, centred on it; refuses lesions larger than the ROI.
+        self,
+        lesion_mask: np.ndarray,
+        spacing: Sequence[float],
+        dilation_mm: float,
+        feather_mm: float,
+    ) -> list[tuple[Region, _LocalRegion]]:
+        """One ROI per connected target lesion, centred on its blend region.
 
-        Args:
-            lesion_mask: Target lesion classes, shape ``S``.
-            components: Connected-component labels of the target lesions (1..N), shape ``S``.
-            owned: Region-to-fill voxels labelled with the component that owns them, shape ``S``.
+        All work happens in a box around each lesion, so the cost follows the lesions, not the
+        scan. A voxel of the blend region belongs to the nearest lesion.
+
+        Raises:
+            SynthesisError: a lesion with its margin is larger than the model's ROI.
         """
-        regions = []
-        for index, box in enumerate(ndimage.find_objects(owned)):
+        shape = lesion_mask.shape
+        components, _ = ndimage.label(lesion_mask > 0)
+        margin = [int(np.ceil(dilation_mm / s)) + 1 for s in spacing]
+        planned = []
+        for index, box in enumerate(ndimage.find_objects(components)):
             if box is None:
                 continue
-            extent = [sl.stop - sl.start for sl in box]
+            ext = tuple(
+                slice(max(b.start - m, 0), min(b.stop + m, n))
+                for b, m, n in zip(box, margin, shape, strict=True)
+            )
+            comp = components[ext]
+            mine = comp == index + 1
+            d_mine = ndimage.distance_transform_edt(~mine, sampling=spacing)
+            region = d_mine <= dilation_mm
+            others = (comp > 0) & ~mine
+            if others.any():
+                region &= d_mine < ndimage.distance_transform_edt(~others, sampling=spacing)
+            inside = ndimage.distance_transform_edt(region, sampling=spacing)
+            weight = np.clip(inside / feather_mm, 0, 1) if feather_mm > 0 else region.astype(float)
+            weight[mine] = 1.0
+            weight[~region] = 0.0
+            rbox = ndimage.find_objects(region.astype(np.uint8))[0]
+            glob = tuple(
+                slice(e.start + r.start, e.start + r.stop) for e, r in zip(ext, rbox, strict=True)
+            )
+            extent = [g.stop - g.start for g in glob]
             if any(e > r for e, r in zip(extent, self.roi_size, strict=True)):
                 raise SynthesisError(
                     f"target lesion {index} spans {extent} voxels (with its blend margin), more "
                     f"than the model's region of interest {list(self.roi_size)}"
                 )
-            centre = [(sl.start + sl.stop) // 2 for sl in box]
+            centre = [(g.start + g.stop) // 2 for g in glob]
             start = tuple(c - r // 2 for c, r in zip(centre, self.roi_size, strict=True))
-            values = lesion_mask[components == index + 1]
-            regions.append(
-                Region(
-                    index, start, self.roi_size, int(np.bincount(values.astype(np.int64)).argmax())
-                )
-            )
-        return regions
+            values = lesion_mask[ext][mine]
+            lesion_class = int(np.bincount(values.astype(np.int64)).argmax())
+            local = _LocalRegion(glob, mine[rbox], region[rbox], weight[rbox])
+            planned.append((Region(index, start, self.roi_size, lesion_class), local))
+        return planned
 
     def __call__(
         self,
@@ -268,70 +304,75 @@ class LesionSynthesisPipeline:
         self.check_inputs(image, lesion_mask, organ_mask)
         if resample_jumps and scheduler not in STATELESS_SCHEDULERS:
             raise SynthesisError(f"resampling jumps need ddpm or ddim, not {scheduler}")
-        spacing = image.spacing
-        lesion = lesion_mask > 0
-        components, _ = ndimage.label(lesion)
-        distance, nearest = ndimage.distance_transform_edt(
-            ~lesion, sampling=spacing, return_indices=True
-        )
-        region_mask = distance <= dilation_mm
-        owned = np.where(region_mask, components[tuple(nearest)], 0)  # each voxel's nearest lesion
-        # 2. regions
-        regions = self.plan_regions(lesion_mask, components, owned)
-        value_range = self.normaliser.range_of(image.array)
+        source = image.array
+        # 2. regions (all further work is local to each lesion's box)
+        planned = self.plan_regions(lesion_mask, image.spacing, dilation_mm, feather_mm)
+        value_range = self.normaliser.range_of(source)
         # 3. crops and conditioning (each crop sees only its own lesion and region)
         crops = [
-            self._crop_inputs(image.array, lesion_mask, components, owned, r, value_range)
-            for r in regions
+            self._crop_inputs(source, lesion_mask, r, local, value_range) for r, local in planned
         ]
+        regions = [r for r, _ in planned]
         # 4. denoising, in batches that halve on out-of-memory errors
         generated = self._run_batches(
             crops, regions, scheduler, num_inference_steps, seed, batch_size, resample_jumps, prompt
         )
         # 5. paste back: weight 1 on the lesion, a feather band at the region's edge, 0 outside
-        inside = ndimage.distance_transform_edt(region_mask, sampling=spacing)
-        weight = (
-            np.clip(inside / feather_mm, 0.0, 1.0) if feather_mm > 0 else region_mask.astype(float)
-        )
-        weight[lesion] = 1.0
-        weight[~region_mask] = 0.0
-        result = image.array.astype(np.float64).copy()
-        for region, crop in zip(regions, generated, strict=True):
-            src, dst = region.slices(image.shape)
-            values = self.normaliser.denormalise(crop, value_range)[dst]
-            mine = owned[src] == region.index + 1
-            w = weight[src] * mine
-            result[src] = np.where(mine, result[src] * (1 - w) + values * w, result[src])
-        output = _cast_like(result, image.array, region_mask)
-        # 6. quality gates
-        quality = [
-            evaluate_lesion(
-                image.array,
-                output,
-                components == r.index + 1,
-                owned == r.index + 1,
-                spacing,
-                self.reference,
-                self.gate,
-                tissue=organ_mask,
+        output = source.copy()
+        low, high = float(source.min()), float(source.max())
+        for (region, local), crop in zip(planned, generated, strict=True):
+            in_roi = tuple(
+                slice(g.start - s, g.stop - s) for g, s in zip(local.box, region.start, strict=True)
             )
-            for r in regions
-        ]
-        painted = np.where(lesion, lesion_mask, 0).astype(np.uint8)
+            values = self.normaliser.denormalise(crop[in_roi], value_range)
+            w = local.weight
+            blended = np.clip(source[local.box] * (1 - w) + values * w, low, high)
+            if np.issubdtype(source.dtype, np.integer):
+                blended = np.rint(blended)
+            target = output[local.box]
+            target[local.region] = blended[local.region].astype(source.dtype)
+        # 6. quality gates, measured in each region of interest
+        quality = []
+        for region, local in planned:
+            roi, _ = region.slices(image.shape)
+            lesion_roi = np.zeros(output[roi].shape, dtype=bool)
+            region_roi = np.zeros_like(lesion_roi)
+            offset = tuple(
+                slice(g.start - r.start, g.stop - r.start)
+                for g, r in zip(local.box, roi, strict=True)
+            )
+            lesion_roi[offset] = local.lesion
+            region_roi[offset] = local.region
+            quality.append(
+                evaluate_lesion(
+                    source[roi],
+                    output[roi],
+                    lesion_roi,
+                    region_roi,
+                    image.spacing,
+                    self.reference,
+                    self.gate,
+                    tissue=organ_mask[roi] if organ_mask is not None else None,
+                )
+            )
+        painted = np.where(lesion_mask > 0, lesion_mask, 0).astype(np.uint8)
         return LesionSynthesisOutput(output, painted, regions, quality)
 
     # -- helpers ------------------------------------------------------------------------
-    def _crop_inputs(self, array, lesion_mask, components, owned, region: Region, value_range):  # noqa: ANN001, ANN202
+    def _crop_inputs(self, array, lesion_mask, region: Region, local: _LocalRegion, value_range):  # noqa: ANN001, ANN202
         src, dst = region.slices(array.shape)
         image = np.full(region.size, -1.0, dtype=np.float32)
         image[dst] = self.normaliser.normalise(array[src], value_range)
+        in_roi = tuple(
+            slice(g.start - s, g.stop - s) for g, s in zip(local.box, region.start, strict=True)
+        )
         fill = np.zeros(region.size, dtype=np.float32)
-        fill[dst] = owned[src] == region.index + 1
+        fill[in_roi] = local.region
         classes = int(self.model.config.lesion_classes)
         lesion = np.zeros((classes, *region.size), dtype=np.float32)
-        mine = components[src] == region.index + 1
+        values = lesion_mask[local.box]
         for k in range(classes):
-            lesion[k][dst] = mine & (lesion_mask[src] == k + 1)
+            lesion[k][in_roi] = local.lesion & (values == k + 1)
         return image, fill, lesion
 
     def _run_batches(self, crops, regions, scheduler_name, steps, seed, batch_size, jumps, prompt):  # noqa: ANN001, ANN202
@@ -457,17 +498,6 @@ def _renoise(sched, x, t, t_prev, generators):  # noqa: ANN001, ANN202
         x.device, x.dtype
     )
     return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
-
-
-def _cast_like(values: np.ndarray, source: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Cast to the source dtype, clipped to the source's range; outside ``region`` the source."""
-    low, high = float(source.min()), float(source.max())
-    clipped = np.clip(values, low, high)
-    if np.issubdtype(source.dtype, np.integer):
-        clipped = np.rint(clipped)
-    out = source.copy()
-    out[region] = clipped[region].astype(source.dtype)
-    return out
 
 
 class _null:

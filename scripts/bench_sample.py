@@ -1,0 +1,185 @@
+"""Benchmark: lesion synthesis cost and quality.
+
+(a) seconds per lesion for one fixed lesion in 3D CT phantom scans of 64^3, 128^3 and 256^3:
+    region-of-interest sampling (synthlesion) against whole-scan sampling (the network run over
+    the whole volume, as Med-DDPM and MAISI do), same network, steps and scheduler;
+(b) DPM-Solver++ at 20 steps against DDPM at 1000 steps on the 2D phantom with a trained model
+    (``--model``; without one, a small model is trained here first): time ratio and the
+    distance between synthetic and real lesion intensity statistics for both;
+(c) on a GPU, seconds per 64^3-ROI lesion (set against LeFusion's ~40 s per lesion on an A100).
+
+The last line is one line of JSON holding every figure.
+
+Usage: python scripts/bench_sample.py [--quick] [--model DIR] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthlesion.data.intensity import IntensityNormaliser
+from synthlesion.data.volume import Volume
+from synthlesion.models import LesionDiffusionModel, ModelConfig
+from synthlesion.pipelines.lesion_synthesis import LesionSynthesisPipeline
+
+
+def ct_volume(size: int, seed: int = 0) -> tuple[Volume, np.ndarray]:
+    """A CT-like cube (soft tissue with noise) and one fixed ~10-voxel-radius lesion at its centre."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size, size)
+    image = (60 + rng.normal(0, 12, shape)).astype(np.int16)
+    grid = np.meshgrid(*[np.arange(s) - s // 2 for s in shape], indexing="ij")
+    lesion = (sum(g.astype(np.float32) ** 2 for g in grid) <= 8**2).astype(np.uint8)
+    return Volume(image, np.diag([1.0, 1.0, 1.0, 1.0])), lesion
+
+
+def tiny_3d_model() -> LesionDiffusionModel:
+    torch.manual_seed(0)
+    return LesionDiffusionModel.from_config(ModelConfig(
+        spatial_dims=3, sample_size=32, channels=(16, 32, 32), attention_levels=(False, False, False),
+        layers_per_block=1, norm_num_groups=8, num_train_timesteps=1000,
+    ))
+
+
+def time_call(pipe: LesionSynthesisPipeline, image: Volume, lesion: np.ndarray, steps: int,
+              scheduler: str = "dpmsolver++") -> float:
+    start = time.perf_counter()
+    pipe(image, lesion, num_inference_steps=steps, scheduler=scheduler, dilation_mm=3.0)
+    return time.perf_counter() - start
+
+
+def part_a(figures: dict, sizes: list[int], steps: int, roi: int, device: str, whole_max: int) -> None:
+    model = tiny_3d_model()
+    norm = IntensityNormaliser.for_modality("CT")
+    roi_pipe = LesionSynthesisPipeline(model, norm, (roi,) * 3, device=device)
+    print(f"(a) one lesion (radius 8 voxels), {steps} DPM-Solver++ steps, ROI {roi}^3, "
+          f"3D UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {device}")
+    for size in sizes:
+        image, lesion = ct_volume(size)
+        time_call(roi_pipe, image, lesion, 1)  # warm-up
+        seconds = time_call(roi_pipe, image, lesion, steps)
+        figures[f"roi_s_per_lesion_{size}"] = round(seconds, 3)
+        line = f"    {size}^3: ROI {seconds:7.2f} s/lesion"
+        if size <= whole_max:
+            whole_pipe = LesionSynthesisPipeline(model, norm, (size,) * 3, device=device)
+            whole = time_call(whole_pipe, image, lesion, steps)
+            figures[f"whole_scan_s_per_lesion_{size}"] = round(whole, 3)
+            figures[f"whole_over_roi_{size}"] = round(whole / seconds, 2)
+            line += f"   whole scan {whole:8.2f} s/lesion   whole/ROI {whole / seconds:6.1f}x"
+        print(line)
+    ratio = figures[f"roi_s_per_lesion_{sizes[-1]}"] / figures[f"roi_s_per_lesion_{sizes[0]}"]
+    figures[f"roi_ratio_{sizes[-1]}_over_{sizes[0]}"] = round(ratio, 3)
+    print(f"    ROI cost {sizes[-1]}^3 / {sizes[0]}^3: {ratio:.2f} (target <= 1.3)")
+
+
+def part_b(figures: dict, model_dir: str | None, quick: bool, device: str) -> None:
+    from synthlesion.data.io import load_image
+    from synthlesion.data.sources import load_cases
+    from synthlesion.pipelines.lesion_synthesis import read_training_record
+    from synthlesion.pipelines.quality import RealLesionReference, lesion_statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_dir is None:
+            model_dir, dataset = _train_small_model(Path(tmp), quick)
+        else:
+            record = read_training_record(model_dir)
+            dataset = record.get("dataset_path")
+            if dataset is None:
+                raise SystemExit(f"{model_dir}: training record names no dataset_path")
+        cases = [c for c in load_cases(dataset) if c.has_lesion]
+        reference = RealLesionReference.from_cases(cases)
+        pipe = LesionSynthesisPipeline.from_pretrained(str(model_dir), device=device)
+        n_cases = 3 if quick else 8
+        results = {}
+        for name, scheduler, steps in (("dpmsolver20", "dpmsolver++", 20), ("ddpm1000", "ddpm", 1000)):
+            if quick and name == "ddpm1000":
+                steps = 200
+            means, contrasts, seconds = [], [], 0.0
+            for case in cases[:n_cases]:
+                image = load_image(case.image)
+                labels = load_image(case.mask)
+                lesion = (labels.array == 2).astype(np.uint8)
+                start = time.perf_counter()
+                out = pipe(image, lesion, scheduler=scheduler, num_inference_steps=steps, seed=1,
+                           organ_mask=labels.array == 1)
+                seconds += time.perf_counter() - start
+                stats = lesion_statistics(out.image, lesion > 0, image.spacing, tissue=labels.array == 1)
+                means.append(stats.mean)
+                contrasts.append(stats.contrast)
+            real_mean = float(np.mean(reference.means))
+            real_contrast = float(np.mean(reference.contrasts))
+            results[name] = {
+                "steps": steps,
+                "s_per_lesion": seconds / n_cases,
+                "mean_distance": abs(float(np.mean(means)) - real_mean),
+                "contrast_distance": abs(float(np.mean(contrasts)) - real_contrast),
+                "contrast": float(np.mean(contrasts)),
+            }
+        figures["real_lesion_contrast"] = round(real_contrast, 2)
+        for name, r in results.items():
+            for key, value in r.items():
+                figures[f"{name}_{key}"] = round(value, 4) if isinstance(value, float) else value
+            print(f"(b) {name:12s} {r['steps']:5d} steps {r['s_per_lesion']:7.2f} s/lesion  "
+                  f"|mean - real| {r['mean_distance']:6.1f} HU  contrast {r['contrast']:6.1f} HU "
+                  f"(real {real_contrast:.1f})")
+        ratio = results["ddpm1000"]["s_per_lesion"] / results["dpmsolver20"]["s_per_lesion"]
+        figures["ddpm_over_dpmsolver_time"] = round(ratio, 2)
+        print(f"    DDPM/DPM-Solver++ time ratio {ratio:.1f}x")
+
+
+def _train_small_model(tmp: Path, quick: bool) -> tuple[str, str]:
+    from synthlesion.data.phantom import make_phantom_dataset
+    from synthlesion.data.sources import load_cases
+    from synthlesion.data.splits import save_splits, split_patients
+    from synthlesion.training import load_train_config, train
+
+    dataset = make_phantom_dataset(tmp / "phantom", kind="ct", spatial_dims=2, n_patients=40, size=64, seed=0)
+    save_splits(split_patients(load_cases(dataset), seed=0), tmp / "splits.json")
+    overrides = [f"data.dataset={dataset}", f"data.splits={tmp / 'splits.json'}",
+                 f"output_dir={tmp / 'run'}"]
+    if quick:
+        overrides.append("max_steps=20")
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train_phantom2d_cpu.yaml",
+                               overrides)
+    result = train(config)
+    return str(result.model_dir), str(dataset)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="lesion synthesis benchmark")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=None, help="trained 2D model folder for part (b)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-b", action="store_true", help="timing parts only")
+    args = parser.parse_args()
+    figures: dict = {"bench": "sample", "device": args.device, "threads": torch.get_num_threads()}
+    if args.quick:
+        part_a(figures, [32, 64], steps=2, roi=32, device=args.device, whole_max=64)
+    else:
+        part_a(figures, [64, 128, 256], steps=5, roi=48, device=args.device, whole_max=256)
+    if not args.skip_b:
+        part_b(figures, args.model, args.quick, args.device)
+    if args.device.startswith("cuda"):
+        model = tiny_3d_model()
+        pipe = LesionSynthesisPipeline(model, IntensityNormaliser.for_modality("CT"), (64,) * 3,
+                                       device=args.device, dtype=torch.float16)
+        image, lesion = ct_volume(128)
+        time_call(pipe, image, lesion, 20)
+        seconds = time_call(pipe, image, lesion, 20)
+        figures["gpu_s_per_lesion_roi64_20steps"] = round(seconds, 3)
+        print(f"(c) GPU: {seconds:.3f} s per 64^3-ROI lesion at 20 steps (LeFusion ~40 s on an A100)")
+    else:
+        print("(c) no GPU here: the GPU figure is not measured")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
