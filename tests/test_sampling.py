@@ -143,3 +143,21 @@ def test_splits_that_do_not_match_the_data_are_refused(world, tmp_path):
     with pytest.raises(SplitError, match="not in the splits"):
         run_sampling(world["model"], world["dataset"], tmp_path / "s.json", tmp_path / "o")
     assert load_splits(tmp_path / "s.json").sha256 == other.sha256
+
+
+def test_shards_merge_into_the_same_cases_as_one_run(world):
+    from synthlesion.pipelines.sampling import merge_manifest_shards
+
+    options = SampleOptions(steps=1, limit=3, mask_source="procedural", scheduler="ddim")
+    single = world["root"] / "single"
+    run_sampling(world["model"], world["dataset"], world["splits"], single, options)
+    sharded = world["root"] / "sharded"
+    for rank in range(2):
+        run_sampling(world["model"], world["dataset"], world["splits"], sharded, options, shard=(rank, 2))
+    merged = merge_manifest_shards(sharded)
+    a = {r.case_id: r for r in read_manifest(single / "manifest.jsonl", single)}
+    b = {r.case_id: r for r in read_manifest(merged, sharded)}
+    assert a.keys() == b.keys() and len(a) == 3
+    assert all(a[k].image_sha256 == b[k].image_sha256 for k in a)
+    assert merge_manifest_shards(sharded) == merged  # merging again adds nothing
+    assert len(list(read_manifest(merged, sharded))) == 3

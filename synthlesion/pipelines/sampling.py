@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +122,7 @@ def run_sampling(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     patient_pattern: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SamplingReport:
     """Make synthetic lesion cases from the train split; see the module docstring.
 
@@ -132,6 +134,10 @@ def run_sampling(
         options: Run settings.
         progress: Called as ``progress(done, total, case_id)`` after each case.
         patient_pattern: Regex over case ids for sources without patient ids.
+        shard: ``(rank, world_size)``: make only every ``world_size``-th case, starting at
+            ``rank``, into ``manifest.shard-RANK-of-WORLD.jsonl`` (for several GPUs; merge the
+            shards with :func:`merge_manifest_shards`). ``None`` reads ``RANK``/``WORLD_SIZE``
+            as set by ``accelerate launch`` and otherwise makes every case.
 
     Raises:
         SynthesisError: a model trained on an evaluation patient, a model without a training
@@ -141,6 +147,11 @@ def run_sampling(
     from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id
 
     options = options or SampleOptions()
+    rank, world = shard if shard is not None else _shard_from_env()
+    if not 0 <= rank < world:
+        raise SynthesisError(f"shard {rank} of {world} does not exist")
+    if world > 1 and options.device.startswith("cuda") and ":" not in options.device:
+        options = replace(options, device=f"cuda:{os.environ.get('LOCAL_RANK', rank)}")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     model_dir = Path(model_dir)
@@ -193,7 +204,9 @@ def run_sampling(
     )
     generator = GeneratorRef.from_folder(model_dir, record_as=str(model_dir.resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / "manifest.jsonl"
+    manifest = out_dir / (
+        "manifest.jsonl" if world == 1 else f"manifest.shard-{rank:03d}-of-{world:03d}.jsonl"
+    )
     try:
         writer = ManifestWriter(manifest, out_dir, generator=generator, splits_sha256=splits.sha256)
     except SynthlesionError as exc:
@@ -213,6 +226,7 @@ def run_sampling(
     plan = [(src, k) for src in sources for k in range(options.per_case)]
     if options.limit is not None:
         plan = plan[: options.limit]
+    plan = plan[rank::world]
     with writer:
         for done, (source, k) in enumerate(plan, start=1):
             case_id = f"syn_{source.case_id}_{k:02d}"
@@ -244,7 +258,7 @@ def run_sampling(
                 progress(done, len(plan), case_id)
     report.seconds = time.perf_counter() - started
     atomic_write_json(
-        out_dir / "sample_report.json",
+        out_dir / ("sample_report.json" if world == 1 else f"sample_report.shard-{rank:03d}.json"),
         {
             "written": report.written,
             "skipped_existing": report.skipped_existing,
@@ -254,6 +268,38 @@ def run_sampling(
         },
     )
     return report
+
+
+def _shard_from_env() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def merge_manifest_shards(out_dir: str | Path) -> Path:
+    """Merge ``manifest.shard-*.jsonl`` of a several-GPU run into ``manifest.jsonl``.
+
+    Every shard is verified (hash chain, lock, files) first; rows already in the merged
+    manifest are skipped, so merging again after a rerun adds only the new cases.
+    """
+    from synthlesion.dataset.manifest import ManifestWriter, read_lock, read_manifest
+    from synthlesion.dataset.provenance import GeneratorRef
+
+    out_dir = Path(out_dir)
+    shards = sorted(out_dir.glob("manifest.shard-*.jsonl"))
+    if not shards:
+        raise SynthesisError(f"{out_dir}: no manifest shards to merge")
+    lock = read_lock(shards[0])
+    generator = GeneratorRef.from_dict(lock["generator"], str(shards[0]))
+    with ManifestWriter(
+        out_dir / "manifest.jsonl",
+        out_dir,
+        generator=generator,
+        splits_sha256=lock.get("splits_sha256"),
+    ) as writer:
+        for shard_path in shards:
+            rows = [r for r in read_manifest(shard_path, out_dir) if r.case_id not in writer]
+            writer.append_many(rows)
+    return out_dir / "manifest.jsonl"
 
 
 def _make_case(
