@@ -362,6 +362,11 @@ def _make_case(
         mask_source_sha256=mask_facts.get("mask_sha256"),
         mask_source_case=mask_facts.get("source_case"),
         mask_source_patient=mask_facts.get("source_patient"),
+        mask_sources=[
+            {"sha256": m["mask_sha256"], "case": m["source_case"], "patient": m["source_patient"]}
+            for m in mask_facts.get("lesions", [])
+            if "mask_sha256" in m
+        ],
     )
     return bool(quality["passed"])
 
