@@ -1,0 +1,139 @@
+"""The fused warp: one coarse grid for a sequence of spatial steps, one sampling per batch.
+
+A step is ``(transform class, parameter values, applied mask)``; the class provides the
+static map protocol of :class:`~synthlesion.augment.spatial.SpatialTransform`
+(``map_points``, ``inverse_map_points``, ``coarse_shape``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from synthlesion.augment.base import BatchInfo, BatchView
+from synthlesion.augment.grid import (
+    centred_points,
+    coord_dtype,
+    dense_grid,
+    physical_to_voxel,
+    sample_images,
+    sample_labels,
+)
+
+Step = tuple[type, dict[str, torch.Tensor], torch.Tensor]
+"""A spatial step: (transform class, parameter values, applied mask)."""
+
+
+def _exact_flips(tensors: dict[str, torch.Tensor], flips: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Flip each sample along its axes with ``torch.flip`` (bit-exact)."""
+    patterns = flips.to(torch.uint8).cpu()
+    out = {}
+    for key, x in tensors.items():
+        y = x.clone()
+        for pattern in torch.unique(patterns, dim=0):
+            dims = [2 + a for a in range(len(pattern)) if pattern[a]]
+            if not dims:
+                continue
+            rows = (patterns == pattern).all(1).nonzero()[:, 0].to(x.device)
+            y[rows] = x[rows].flip(dims)
+        out[key] = y
+    return out
+
+
+def composite_voxel_grid(
+    steps: Sequence[Step], info: BatchInfo, *, inverse: bool = False
+) -> torch.Tensor:
+    """Input voxel positions ``(B, *coarse, d)`` of the coarse output grid.
+
+    The composite map of steps ``T_1 ... T_n`` (applied in that order) is
+    ``M_1 o ... o M_n``; the inverse applies ``M_1^-1`` first.
+    """
+    nd = info.spatial_dims
+    coarse = [2] * nd
+    for cls, values, _ in steps:
+        shape = cls.coarse_shape(values)
+        if shape is not None:
+            factor = 2 if inverse else 1
+            coarse = [max(c, factor * (s - 1) + 1) for c, s in zip(coarse, shape, strict=True)]
+    spacing = info.spacing.to(coord_dtype(info.device))
+    points = centred_points(info.spatial_shape, coarse, spacing)
+    order = steps if inverse else list(reversed(steps))
+    for cls, values, _ in order:
+        fn = cls.inverse_map_points if inverse else cls.map_points
+        points = fn(values, points, info)
+    return physical_to_voxel(points, info.spatial_shape, spacing)
+
+
+def warp_tensors(
+    images: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    steps: Sequence[Step],
+    info: BatchInfo,
+    padding_mode: str = "border",
+    *,
+    inverse: bool = False,
+    image_mode: str = "bilinear",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Apply (or undo) a sequence of spatial steps with one sampling grid.
+
+    Args:
+        images: Key to ``(B, C, *spatial)`` floating tensors.
+        labels: Key to ``(B, L, *spatial)`` label maps (any dtype; kept).
+        steps: ``(class, values, applied)`` in application order.
+        info: Batch geometry (shape, spacing).
+        padding_mode: Image padding.
+        inverse: Undo the steps instead (input space from output space).
+        image_mode: ``"bilinear"`` or ``"nearest"`` for the images.
+
+    Returns:
+        New image and label dicts; samples no step applied to are returned unchanged.
+    """
+    if not steps:
+        return dict(images), dict(labels)
+    applied = steps[0][2].clone()
+    for _, _, a in steps[1:]:
+        applied = applied | a
+    if not bool(applied.any()):
+        return dict(images), dict(labels)
+    if all(getattr(cls, "is_flip", False) for cls, _, _ in steps):
+        flips = torch.zeros_like(steps[0][1]["flip"])
+        for _, values, _ in steps:
+            flips = flips ^ values["flip"]
+        return _exact_flips(images, flips), _exact_flips(labels, flips)
+    voxel = composite_voxel_grid(steps, info, inverse=inverse)
+    image_groups: dict[torch.dtype, list[str]] = {}
+    for key, x in images.items():
+        image_groups.setdefault(x.dtype, []).append(key)
+    label_groups: dict[torch.dtype, list[str]] = {}
+    for key, x in labels.items():
+        label_groups.setdefault(x.dtype, []).append(key)
+    dtype = next(iter(image_groups), torch.float32)
+    grid_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    grid = dense_grid(voxel, info.spatial_shape, grid_dtype)
+    out_images: dict[str, torch.Tensor] = {}
+    out_labels: dict[str, torch.Tensor] = {}
+    for group, source, out in ((image_groups, images, out_images),
+                               (label_groups, labels, out_labels)):  # fmt: skip
+        for keys in group.values():
+            stack = torch.cat([source[k] for k in keys], 1) if len(keys) > 1 else source[keys[0]]
+            if source is images:
+                result = sample_images(stack, grid, padding_mode, image_mode)
+            else:
+                result = sample_labels(stack, grid, voxel)
+            sizes = [source[k].shape[1] for k in keys]
+            for key, part in zip(keys, torch.split(result, sizes, 1), strict=True):
+                out[key] = part
+    if not bool(applied.all()):
+        keep = ~applied
+        for src, dst in ((images, out_images), (labels, out_labels)):
+            for key in dst:
+                dst[key][keep] = src[key][keep]
+    return out_images, out_labels
+
+
+def warp_view(view: BatchView, steps: Sequence[Step], padding_mode: str) -> None:
+    """Warp every image and label of ``view`` in place with the fused grid of ``steps``."""
+    images, labels = warp_tensors(view.images, view.labels, steps, view.info, padding_mode)
+    for key, value in {**images, **labels}.items():
+        view.set(key, value)
