@@ -163,7 +163,7 @@ def main() -> int:
     if args.quick:
         part_a(figures, [32, 64], steps=2, roi=32, device=args.device, whole_max=64)
     else:
-        part_a(figures, [64, 128, 256], steps=5, roi=48, device=args.device, whole_max=256)
+        part_a(figures, [64, 128, 256], steps=2, roi=48, device=args.device, whole_max=256)
     if not args.skip_b:
         part_b(figures, args.model, args.quick, args.device)
     if args.device.startswith("cuda"):
