@@ -114,7 +114,7 @@ def part_b(figures: dict, model_dir: str | None, quick: bool, device: str) -> No
         cases = [c for c in load_cases(dataset) if c.has_lesion]
         reference = RealLesionReference.from_cases(cases)
         pipe = LesionSynthesisPipeline.from_pretrained(str(model_dir), device=device)
-        n_cases = 3 if quick else 8
+        n_cases = 3 if quick else 6
         results = {}
         for name, scheduler, steps in (
             ("dpmsolver20", "dpmsolver++", 20),
@@ -195,7 +195,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-b", action="store_true", help="timing parts only")
     parser.add_argument("--skip-a", action="store_true", help="quality part only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     figures: dict = {"bench": "sample", "device": args.device, "threads": torch.get_num_threads()}
     if args.skip_a:
         pass

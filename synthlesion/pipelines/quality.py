@@ -54,14 +54,15 @@ def lesion_statistics(
         image: Image, shape ``S``.
         mask: Boolean lesion mask, shape ``S``.
         spacing: Voxel size in mm.
-        ring_mm: Ring thickness around the mask, in mm.
+        ring_mm: Ring thickness around the mask, in mm (at least one voxel).
         tissue: Optional boolean map the ring is restricted to (e.g. the organ).
     """
     mask = mask.astype(bool)
     if not mask.any():
         raise ValueError("lesion statistics need a non-empty mask")
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    ring = (outside > 0) & (outside <= ring_mm)
+    # at least one voxel thick, also on coarse grids
+    ring = (outside > 0) & (outside <= max(ring_mm, 1.01 * max(spacing)))
     if tissue is not None and (ring & tissue).any():
         ring &= tissue
     values = image[mask].astype(np.float64)
