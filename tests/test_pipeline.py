@@ -124,3 +124,32 @@ def test_3d_region_sampling():
 
     outside = ndimage.distance_transform_edt(target == 0, sampling=(0.8, 0.8, 2.0)) > 2.0
     assert np.array_equal(out.image[outside], image.array[outside])
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypatch):
+    shape = (48, 48)
+    image = Volume(ct_scan(shape), np.eye(4))
+    target = sum(lesion_at(shape, c, 2) for c in [(8, 8), (8, 38), (38, 8), (38, 38), (24, 24)])
+    reference = pipe2d(image, target, num_inference_steps=2, seed=3, batch_size=1)
+    real_denoise = LesionSynthesisPipeline._denoise
+    calls = []
+
+    def flaky(self, crops, regions, *args):
+        calls.append([r.index for r in regions])
+        if len(crops) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_denoise(self, crops, regions, *args)
+
+    monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", flaky)
+    out = pipe2d(image, target, num_inference_steps=2, seed=3, batch_size=8)
+    assert calls[0] == [0, 1, 2, 3, 4] and calls[1] == [0, 1, 2, 3]
+    done = [i for c in calls if len(c) <= 2 for i in c]
+    assert sorted(done) == [0, 1, 2, 3, 4]  # none skipped, none repeated
+    assert np.array_equal(out.image, reference.image)
+
+    def always(self, crops, regions, *args):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", always)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        pipe2d(image, target, num_inference_steps=2, batch_size=4)
