@@ -22,9 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/synthlesion phantom --out $(DEMO_DIR)/phantom-ct3d --kind ct --dims 3
-	$(VENV)/bin/synthlesion check $(DEMO_DIR)/phantom-ct3d
-	$(VENV)/bin/synthlesion split $(DEMO_DIR)/phantom-ct3d --out $(DEMO_DIR)/splits.json
+	$(VENV)/bin/synthlesion demo --out $(DEMO_DIR)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -50,8 +50,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset = make_phantom_dataset(
-            Path(tmp) / "ct3d", kind="ct", spatial_dims=3, n_patients=args.patients,
-            size=args.size, seed=0,
+            Path(tmp) / "ct3d",
+            kind="ct",
+            spatial_dims=3,
+            n_patients=args.patients,
+            size=args.size,
+            seed=0,
         )
         cases = load_cases(dataset)
         pairs = [(str(c.image), str(c.mask)) for c in cases]
@@ -112,8 +116,10 @@ def main() -> int:
             figures[f"time_ratio_{ours}_vs_{reference}"] = round(ratio, 3)
             print(f"  time {ours} / {reference}: {ratio:.2f}x")
     target = figures["time_ratio_synthlesion_check_1thread_vs_nibabel_get_fdata"]
-    print(f"target: load + full validation at most 1.5x a plain nibabel load "
-          f"(single thread: {target:.2f}x)")
+    print(
+        f"target: load + full validation at most 1.5x a plain nibabel load "
+        f"(single thread: {target:.2f}x)"
+    )
     print(json.dumps(figures))
     return 0
 

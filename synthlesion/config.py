@@ -22,8 +22,11 @@ from synthlesion.storage import atomic_write_text
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
-                overrides: Sequence[str] = ()) -> T:
+def load_config(
+    cls: type[T],
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
     """Build a frozen dataclass config from a YAML file or mapping plus overrides.
 
     Args:

@@ -10,9 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-AFFINE = np.array(
-    [[-1.0, 0, 0, 90.0], [0, 1.0, 0, -120.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]]
-)
+AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, 1.0, 0, -120.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
 
 
 def ct_image(shape=(24, 20, 12), seed=0) -> np.ndarray:
@@ -39,8 +37,15 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> P
     return path
 
 
-def write_dataset(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray | None]],
-                  *, labels=None, affines=None, patients=None, modality="CT") -> Path:
+def write_dataset(
+    root: Path,
+    cases: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    *,
+    labels=None,
+    affines=None,
+    patients=None,
+    modality="CT",
+) -> Path:
     """Write a Decathlon-style folder; ``cases`` maps case id -> (image, mask)."""
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)

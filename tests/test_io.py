@@ -94,8 +94,11 @@ def test_flipped_byte_inside_stream_is_an_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(b"", "empty"), (b"not gzip at all" * 40, "not a gzip"),
-     (gzip.compress(b"\x00" * 400), "header")],
+    [
+        (b"", "empty"),
+        (b"not gzip at all" * 40, "not a gzip"),
+        (gzip.compress(b"\x00" * 400), "header"),
+    ],
 )
 def test_empty_non_gzip_and_bad_header(tmp_path, content, match):
     path = tmp_path / "bad.nii.gz"

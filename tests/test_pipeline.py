@@ -21,8 +21,13 @@ AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])
 def tiny_model(spatial_dims: int) -> LesionDiffusionModel:
     torch.manual_seed(0)
     config = ModelConfig(
-        spatial_dims=spatial_dims, sample_size=16, channels=(8, 16), attention_levels=(False, False),
-        layers_per_block=1, norm_num_groups=4, num_train_timesteps=100,
+        spatial_dims=spatial_dims,
+        sample_size=16,
+        channels=(8, 16),
+        attention_levels=(False, False),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_train_timesteps=100,
     )
     return LesionDiffusionModel.from_config(config)
 
@@ -36,7 +41,9 @@ def ct_scan(shape, seed=0):
 
 def lesion_at(shape, centre, radius):
     grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-    return (sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2).astype(np.uint8)
+    return (sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2).astype(
+        np.uint8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,10 @@ def test_resampling_jumps_need_a_stateless_scheduler(pipe2d):
     shape = (24, 24)
     image = Volume(ct_scan(shape), np.eye(4))
     target = lesion_at(shape, (12, 12), 3)
-    assert pipe2d(image, target, scheduler="ddim", num_inference_steps=2, resample_jumps=1).image.shape == shape
+    assert (
+        pipe2d(image, target, scheduler="ddim", num_inference_steps=2, resample_jumps=1).image.shape
+        == shape
+    )
     with pytest.raises(SynthesisError, match="resampling jumps"):
         pipe2d(image, target, scheduler="dpmsolver++", resample_jumps=1)
 
@@ -115,7 +125,9 @@ def test_bad_inputs(pipe2d):
 
 @pytest.mark.slow
 def test_3d_region_sampling():
-    pipe = LesionSynthesisPipeline(tiny_model(3), IntensityNormaliser.for_modality("CT"), (16, 16, 16))
+    pipe = LesionSynthesisPipeline(
+        tiny_model(3), IntensityNormaliser.for_modality("CT"), (16, 16, 16)
+    )
     shape = (30, 28, 20)
     image = Volume(ct_scan(shape), AFFINE)
     target = lesion_at(shape, (15, 14, 10), 3)

@@ -23,38 +23,74 @@ from synthlesion.pipelines.sampling import SampleOptions, run_sampling
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling")
-    dataset = make_phantom_dataset(root / "phantom", kind="ct", spatial_dims=2, n_patients=8, size=64, seed=3)
+    dataset = make_phantom_dataset(
+        root / "phantom", kind="ct", spatial_dims=2, n_patients=8, size=64, seed=3
+    )
     cases = load_cases(dataset)
     splits = split_patients(cases, seed=0)
     save_splits(splits, root / "splits.json")
     torch.manual_seed(0)
-    model = LesionDiffusionModel.from_config(ModelConfig(
-        spatial_dims=2, sample_size=32, channels=(8, 16), attention_levels=(False, False),
-        layers_per_block=1, norm_num_groups=4, num_train_timesteps=50,
-    ))
+    model = LesionDiffusionModel.from_config(
+        ModelConfig(
+            spatial_dims=2,
+            sample_size=32,
+            channels=(8, 16),
+            attention_levels=(False, False),
+            layers_per_block=1,
+            norm_num_groups=4,
+            num_train_timesteps=50,
+        )
+    )
 
     def save(path, patients):
         record = {
             "patient_hash_scheme": PATIENT_HASH_SCHEME,
             "patient_id_hashes": sorted(hash_patient_id(p) for p in patients),
-            "data": {"intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
-                     "roi_size": [32, 32], "modality": "CT", "lesion_label_values": [2],
-                     "organ_label_values": [1]},
+            "data": {
+                "intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
+                "roi_size": [32, 32],
+                "modality": "CT",
+                "lesion_label_values": [2],
+                "organ_label_values": [1],
+            },
         }
         model.save_pretrained(path, training_record=record)
         return path
 
     good = save(root / "model", splits.patients("train"))
     leaky = save(root / "leaky", [*splits.patients("train"), splits.patients("test")[0]])
-    return {"root": root, "dataset": dataset, "splits": root / "splits.json", "model": good,
-            "leaky": leaky, "cases": cases, "split": splits}
+    return {
+        "root": root,
+        "dataset": dataset,
+        "splits": root / "splits.json",
+        "model": good,
+        "leaky": leaky,
+        "cases": cases,
+        "split": splits,
+    }
 
 
 def test_cli_writes_cases_rows_and_keeps_geometry(world, capsys):
     out = world["root"] / "syn_cli"
-    status = main(["sample", "--model", str(world["model"]), "--data", str(world["dataset"]),
-                   "--splits", str(world["splits"]), "--out", str(out), "--steps", "3",
-                   "--limit", "3", "--mask-source", "procedural"])
+    status = main(
+        [
+            "sample",
+            "--model",
+            str(world["model"]),
+            "--data",
+            str(world["dataset"]),
+            "--splits",
+            str(world["splits"]),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--limit",
+            "3",
+            "--mask-source",
+            "procedural",
+        ]
+    )
     assert status == 0, capsys.readouterr()
     rows = list(read_manifest(out / "manifest.jsonl", out))
     assert len(rows) == 3
@@ -80,8 +116,13 @@ def test_resume_makes_only_missing_cases_with_the_same_seeds(world):
     straight = world["root"] / "straight"
     run_sampling(world["model"], world["dataset"], world["splits"], straight, options)
     resumed = world["root"] / "resumed"
-    first = run_sampling(world["model"], world["dataset"], world["splits"], resumed,
-                         SampleOptions(steps=2, limit=2, mask_source="bank", scheduler="ddim"))
+    first = run_sampling(
+        world["model"],
+        world["dataset"],
+        world["splits"],
+        resumed,
+        SampleOptions(steps=2, limit=2, mask_source="bank", scheduler="ddim"),
+    )
     assert len(first.written) == 2
     second = run_sampling(world["model"], world["dataset"], world["splits"], resumed, options)
     assert len(second.skipped_existing) == 2 and len(second.written) == 2
@@ -128,8 +169,13 @@ def test_user_mask_outside_the_tissue_is_reported(world, tmp_path):
 
     masks = tmp_path / "masks"
     save_image(labels.with_array(bad), masks / f"{source.case_id}.nii.gz")
-    report = run_sampling(world["model"], world["dataset"], world["splits"], tmp_path / "user",
-                          SampleOptions(steps=1, mask_source="user", user_masks=masks, limit=8))
+    report = run_sampling(
+        world["model"],
+        world["dataset"],
+        world["splits"],
+        tmp_path / "user",
+        SampleOptions(steps=1, mask_source="user", user_masks=masks, limit=8),
+    )
     problems = {f["source"]: f["problem"] for f in report.failed}
     assert "outside the allowed tissue" in problems[source.case_id]
     assert all(c not in report.written for c in [f"syn_{source.case_id}_00"])
@@ -153,7 +199,9 @@ def test_shards_merge_into_the_same_cases_as_one_run(world):
     run_sampling(world["model"], world["dataset"], world["splits"], single, options)
     sharded = world["root"] / "sharded"
     for rank in range(2):
-        run_sampling(world["model"], world["dataset"], world["splits"], sharded, options, shard=(rank, 2))
+        run_sampling(
+            world["model"], world["dataset"], world["splits"], sharded, options, shard=(rank, 2)
+        )
     merged = merge_manifest_shards(sharded)
     a = {r.case_id: r for r in read_manifest(single / "manifest.jsonl", single)}
     b = {r.case_id: r for r in read_manifest(merged, sharded)}

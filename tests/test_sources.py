@@ -38,8 +38,12 @@ def test_msd_style_labels_and_multichannel(tmp_path):
     spec = {
         "modality": {"0": "FLAIR", "1": "T1w"},
         "labels": {"0": "background", "1": "edema", "2": "tumor"},
-        "training": [{"image": ["./imagesTr/b_0000.nii.gz", "./imagesTr/b_0001.nii.gz"],
-                      "label": "./labelsTr/b.nii.gz"}],
+        "training": [
+            {
+                "image": ["./imagesTr/b_0000.nii.gz", "./imagesTr/b_0001.nii.gz"],
+                "label": "./labelsTr/b.nii.gz",
+            }
+        ],
     }
     (root / "dataset.json").write_text(json.dumps(spec))
     (case,) = load_cases(root)
@@ -62,8 +66,17 @@ def test_nnunet_folder_without_training_list(tmp_path):
 def test_jsonl_and_csv_manifests(tmp_path):
     write_nifti(tmp_path / "a.nii.gz", ct_image())
     (tmp_path / "m.jsonl").write_text(
-        json.dumps({"case_id": "a", "patient_id": "P1", "image": "a.nii.gz", "mask": "a.nii.gz",
-                    "modality": "CT", "scanner": "X"}) + "\n\n"
+        json.dumps(
+            {
+                "case_id": "a",
+                "patient_id": "P1",
+                "image": "a.nii.gz",
+                "mask": "a.nii.gz",
+                "modality": "CT",
+                "scanner": "X",
+            }
+        )
+        + "\n\n"
     )
     (case,) = load_cases(tmp_path / "m.jsonl")
     assert case.patient_id == "P1" and case.provenance["scanner"] == "X"
@@ -74,8 +87,11 @@ def test_jsonl_and_csv_manifests(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("image\nx.nii.gz\n", "case_id"), ("case_id,image\nq,\n", "'image' is missing"),
-     ("case_id,image,origin\nq,x.nii.gz,fake\n", "origin")],
+    [
+        ("image\nx.nii.gz\n", "case_id"),
+        ("case_id,image\nq,\n", "'image' is missing"),
+        ("case_id,image,origin\nq,x.nii.gz,fake\n", "origin"),
+    ],
 )
 def test_bad_manifests_name_the_line(tmp_path, text, match):
     (tmp_path / "m.csv").write_text(text)

@@ -115,7 +115,8 @@ def test_cli_split(tmp_path, capsys):
     from conftest import ct_image, lesion_mask, write_dataset
 
     path = write_dataset(
-        tmp_path / "ds", {f"c{i}": (ct_image(), lesion_mask()) for i in range(6)},
+        tmp_path / "ds",
+        {f"c{i}": (ct_image(), lesion_mask()) for i in range(6)},
         patients={f"c{i}": f"p{i // 2}" for i in range(6)},
     )
     out = tmp_path / "splits.json"

@@ -30,15 +30,19 @@ def _one_case(tmp_path, image, mask, **kwargs):
 def test_mask_shape_differs(tmp_path):
     report = check_dataset(_one_case(tmp_path, ct_image(), lesion_mask((24, 20, 10), (12, 10, 5))))
     assert codes(report) == [("bad", "shape")]
-    assert "(24, 20, 10)" in report.problems[0].message and "(24, 20, 12)" in report.problems[0].message
+    assert (
+        "(24, 20, 10)" in report.problems[0].message
+        and "(24, 20, 12)" in report.problems[0].message
+    )
     assert report.problems[0].file.endswith("labelsTr/bad.nii.gz")
 
 
 def test_mask_spacing_differs(tmp_path):
     mask_affine = AFFINE.copy()
     mask_affine[2, 2] = 3.0
-    report = check_dataset(_one_case(tmp_path, ct_image(), lesion_mask(),
-                                     affines={"bad": (AFFINE, mask_affine)}))
+    report = check_dataset(
+        _one_case(tmp_path, ct_image(), lesion_mask(), affines={"bad": (AFFINE, mask_affine)})
+    )
     assert ("bad", "spacing") in codes(report)
 
 
@@ -56,16 +60,22 @@ def test_mask_orientation_differs(tmp_path):
     lps = AFFINE.copy()
     lps[0, 0] = 1.0
     lps[1, 1] = -1.0
-    report = check_dataset(_one_case(tmp_path, ct_image(), lesion_mask(), affines={"bad": (AFFINE, lps)}))
+    report = check_dataset(
+        _one_case(tmp_path, ct_image(), lesion_mask(), affines={"bad": (AFFINE, lps)})
+    )
     assert ("bad", "orientation") in codes(report)
 
 
 def test_mask_direction_differs(tmp_path):
     angle = np.deg2rad(2.0)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
     tilted = AFFINE.copy()
     tilted[:3, :3] = rotation @ AFFINE[:3, :3]
-    report = check_dataset(_one_case(tmp_path, ct_image(), lesion_mask(), affines={"bad": (AFFINE, tilted)}))
+    report = check_dataset(
+        _one_case(tmp_path, ct_image(), lesion_mask(), affines={"bad": (AFFINE, tilted)})
+    )
     assert ("bad", "direction") in codes(report)
 
 
@@ -133,8 +143,9 @@ def test_4d_image(tmp_path):
 
 
 def test_truncated_and_corrupt_files(tmp_path):
-    path = write_dataset(tmp_path / "ds", {"trunc": (ct_image(), lesion_mask()),
-                                           "crc": (ct_image(), lesion_mask())})
+    path = write_dataset(
+        tmp_path / "ds", {"trunc": (ct_image(), lesion_mask()), "crc": (ct_image(), lesion_mask())}
+    )
     trunc = path.parent / "imagesTr" / "trunc_0000.nii.gz"
     trunc.write_bytes(trunc.read_bytes()[:200])
     crc = path.parent / "labelsTr" / "crc.nii.gz"
@@ -147,7 +158,9 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 def test_duplicate_case_ids_ignoring_case(tmp_path):
     root = tmp_path / "ds"
-    path = write_dataset(root, {"Case1": (ct_image(), lesion_mask()), "case1": (ct_image(), lesion_mask())})
+    path = write_dataset(
+        root, {"Case1": (ct_image(), lesion_mask()), "case1": (ct_image(), lesion_mask())}
+    )
     report = check_dataset(path)
     assert [p.code for p in report.problems] == ["duplicate_case_id"]
     assert "Case1" in report.problems[0].message and "case1" in report.problems[0].message
@@ -179,9 +192,17 @@ def test_cli_folder_of_bad_cases_prints_one_row_each_and_exits_1(tmp_path, capsy
     assert status == 1
     rows = [line for line in out.splitlines() if line.startswith("ERROR")]
     assert len(rows) == 5
-    for case_id, code in [("shape", "shape"), ("frac", "fractional"), ("labels", "undeclared_labels"),
-                          ("empty", "empty_mask"), ("outside", "lesion_outside_body")]:
-        assert any(f" {case_id} " in r and f"[{code}]" in r and f"labelsTr/{case_id}.nii.gz" in r for r in rows)
+    for case_id, code in [
+        ("shape", "shape"),
+        ("frac", "fractional"),
+        ("labels", "undeclared_labels"),
+        ("empty", "empty_mask"),
+        ("outside", "lesion_outside_body"),
+    ]:
+        assert any(
+            f" {case_id} " in r and f"[{code}]" in r and f"labelsTr/{case_id}.nii.gz" in r
+            for r in rows
+        )
     assert main(["check", str(path), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert len(data["problems"]) == 5 and data["ok"] is False

@@ -55,7 +55,9 @@ class IntensityNormaliser:
         low, high = np.percentile(values, self.percentiles)
         return float(low), float(max(high, low + 1e-6))
 
-    def normalise(self, image: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    def normalise(
+        self, image: np.ndarray, value_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
         """Image values -> float32 in [-1, 1] (clipped when ``clip``)."""
         low, high = value_range or self.range_of(image)
         out = (image.astype(np.float32) - low) / (high - low) * 2.0 - 1.0

@@ -90,7 +90,8 @@ def read_nifti_bytes(path: str | Path) -> bytes:
             data = gzip.decompress(data)
         except EOFError:
             raise ImageReadError(
-                path, "truncated gzip stream (the file ends before its end-of-stream marker)",
+                path,
+                "truncated gzip stream (the file ends before its end-of-stream marker)",
                 "truncated",
             ) from None
         except (gzip.BadGzipFile, zlib.error) as exc:
@@ -182,7 +183,12 @@ def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) 
         return None
     dims = list(shape[:3]) + [1] * (3 - min(3, len(shape)))
     corners = np.array(
-        [[i, j, k, 1.0] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1) for k in (0, dims[2] - 1)]
+        [
+            [i, j, k, 1.0]
+            for i in (0, dims[0] - 1)
+            for j in (0, dims[1] - 1)
+            for k in (0, dims[2] - 1)
+        ]
     )
     diff = (corners @ qform.T)[:, :3] - (corners @ sform.T)[:, :3]
     return float(np.sqrt((diff**2).sum(axis=1)).max())
@@ -190,7 +196,9 @@ def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) 
 
 def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:
     if len(raw) < 348:
-        raise ImageReadError(path, f"file too short for a NIfTI header ({len(raw)} bytes)", "truncated")
+        raise ImageReadError(
+            path, f"file too short for a NIfTI header ({len(raw)} bytes)", "truncated"
+        )
     sizeof_hdr_le = int.from_bytes(raw[:4], "little")
     sizeof_hdr_be = int.from_bytes(raw[:4], "big")
     klass: type[nib.Nifti1Image]
@@ -240,8 +248,11 @@ def _check_dims(volume: Volume, spatial_dims: int | None) -> Volume:
             "dimensions",
         )
     if array.ndim < 2:
-        raise ImageReadError(path or Path("<memory>"), f"{array.ndim}D data is not an image", "dimensions")
+        raise ImageReadError(
+            path or Path("<memory>"), f"{array.ndim}D data is not an image", "dimensions"
+        )
     if array is volume.array:
         return volume
-    return Volume(np.ascontiguousarray(array), volume.affine, volume.header, volume.source,
-                  volume.meta)
+    return Volume(
+        np.ascontiguousarray(array), volume.affine, volume.header, volume.source, volume.meta
+    )

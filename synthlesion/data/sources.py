@@ -25,7 +25,15 @@ logger = logging.getLogger(__name__)
 
 MASK_SUFFIXES = ("_mask", "_seg", "_label", "_labels", "_lesion")
 MANIFEST_COLUMNS = {
-    "case_id", "patient_id", "image", "images", "mask", "label", "modality", "origin", "labels",
+    "case_id",
+    "patient_id",
+    "image",
+    "images",
+    "mask",
+    "label",
+    "modality",
+    "origin",
+    "labels",
     "has_lesion",
 }
 
@@ -105,11 +113,15 @@ def load_decathlon(
         cases.append(
             Case(
                 case_id=case_id,
-                patient_id=str(patient) if patient is not None else _patient(case_id, patient_pattern, where),
+                patient_id=str(patient)
+                if patient is not None
+                else _patient(case_id, patient_pattern, where),
                 images=tuple(image_paths),
                 mask=mask,
                 modality=modalities[0] if modalities else "unknown",
-                modalities=tuple(modalities[: len(image_paths)]) if len(modalities) >= len(image_paths) else (),
+                modalities=tuple(modalities[: len(image_paths)])
+                if len(modalities) >= len(image_paths)
+                else (),
                 labels=labels,
                 origin="synthetic" if entry.get("origin") == "synthetic" else "real",
                 provenance={"source": str(path), "entry": index},
@@ -130,8 +142,11 @@ def _scan_nnunet_folder(root: Path, ending: str, n_channels: int) -> list[dict[s
         images = [f"imagesTr/{case_id}_{c:04d}{ending}" for c in range(n_channels)]
         label = root / "labelsTr" / f"{case_id}{ending}"
         entries.append(
-            {"image": images, "label": f"labelsTr/{case_id}{ending}" if label.exists() else None,
-             "case_id": case_id}
+            {
+                "image": images,
+                "label": f"labelsTr/{case_id}{ending}" if label.exists() else None,
+                "case_id": case_id,
+            }
         )
     return entries
 
@@ -196,8 +211,12 @@ def load_manifest(
                 labels_field = json.loads(labels_field)
             except json.JSONDecodeError:
                 raise CaseSourceError(f"{where} (case {case_id}): 'labels' is not JSON") from None
-        labels = _parse_labels(labels_field, path) if labels_field else {0: "background", 1: "lesion"}
-        patient = str(row.get("patient_id") or "").strip() or _patient(case_id, patient_pattern, where)
+        labels = (
+            _parse_labels(labels_field, path) if labels_field else {0: "background", 1: "lesion"}
+        )
+        patient = str(row.get("patient_id") or "").strip() or _patient(
+            case_id, patient_pattern, where
+        )
         origin = str(row.get("origin") or "real").strip()
         if origin not in ("real", "synthetic"):
             raise CaseSourceError(f"{where} (case {case_id}): origin must be real or synthetic")

@@ -88,7 +88,10 @@ class Splits:
         train = tuple(sorted(p for i, f in enumerate(self.folds) if i != index for p in f))
         return Splits(
             {"train": train, "val": tuple(self.folds[index]), "test": self.patients("test")},
-            dict(self.cases), None, self.seed, f"kfold[{index}]",
+            dict(self.cases),
+            None,
+            self.seed,
+            f"kfold[{index}]",
         )
 
     def require_matches(self, cases: Sequence[Case]) -> None:
@@ -107,7 +110,9 @@ class Splits:
                 )
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise SplitError("splits file does not match the dataset: " + "; ".join(problems[:5]) + more)
+            raise SplitError(
+                "splits file does not match the dataset: " + "; ".join(problems[:5]) + more
+            )
 
     def to_json_dict(self) -> dict:
         body = {
@@ -153,7 +158,9 @@ def split_patients(
         raise SplitError(f"splits are drawn over real cases only; synthetic: {synthetic[:5]}")
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise SplitError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
+        raise SplitError(
+            f"fractions must be three non-negative shares summing to 1, got {fractions}"
+        )
     if folds is not None and folds < 2:
         raise SplitError(f"folds must be at least 2, got {folds}")
     flags: dict[str, list[bool | None]] = {}
@@ -171,7 +178,9 @@ def split_patients(
         strata.setdefault(key, []).append(patient)
     rng = np.random.default_rng(seed)
     shares = (
-        [fractions[2]] + [(1 - fractions[2]) / folds] * folds if folds is not None else list(fractions)
+        [fractions[2]] + [(1 - fractions[2]) / folds] * folds
+        if folds is not None
+        else list(fractions)
     )
     bins: list[list[str]] = [[] for _ in shares]
     for key in sorted(strata, key=repr):

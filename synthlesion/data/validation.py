@@ -97,8 +97,12 @@ class CheckReport:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"source": self.source, "n_cases": self.n_cases, "ok": self.ok,
-             "problems": [asdict(p) for p in self.problems]},
+            {
+                "source": self.source,
+                "n_cases": self.n_cases,
+                "ok": self.ok,
+                "problems": [asdict(p) for p in self.problems],
+            },
             indent=2,
         )
 
@@ -126,8 +130,12 @@ def check_cases(
     problems: list[Problem] = []
     for ids in duplicate_case_ids(cases):
         problems.append(
-            Problem(ids[0], "-", "duplicate_case_id",
-                    f"case id used {len(ids)} times (compared ignoring case): {', '.join(ids)}")
+            Problem(
+                ids[0],
+                "-",
+                "duplicate_case_id",
+                f"case id used {len(ids)} times (compared ignoring case): {', '.join(ids)}",
+            )
         )
     if options.workers > 1 and len(cases) > 1:
         with ThreadPoolExecutor(options.workers) as pool:
@@ -154,7 +162,11 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
             continue
         if images:
             for code, message in geometry_differences(images[0], volume, options.tolerance_mm):
-                add(path, f"channel_{code}", f"channel differs from {case.images[0].name}: {message}")
+                add(
+                    path,
+                    f"channel_{code}",
+                    f"channel differs from {case.images[0].name}: {message}",
+                )
         images.append(volume)
     if case.mask is None:
         return problems
@@ -170,18 +182,28 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
             return problems  # already reported as non_finite
         fractional = mask.array[np.isfinite(mask.array) & (mask.array != np.round(mask.array))]
         example = ", ".join(f"{v:.4g}" for v in np.unique(fractional)[:5])
-        add(case.mask, "fractional",
+        add(
+            case.mask,
+            "fractional",
             f"{fractional.size} voxel(s) hold fractional label values (e.g. {example}); "
-            "a mask must hold whole label values and is never rounded silently")
+            "a mask must hold whole label values and is never rounded silently",
+        )
         return problems
     declared = set(case.labels)
     undeclared = [int(v) for v in values if int(v) not in declared]
     if undeclared:
-        add(case.mask, "undeclared_labels",
-            f"values {undeclared} are not declared labels {sorted(declared)}")
+        add(
+            case.mask,
+            "undeclared_labels",
+            f"values {undeclared} are not declared labels {sorted(declared)}",
+        )
     if not any(v != 0 for v in values) and options.empty_mask != "ignore":
-        add(case.mask, "empty_mask", "mask has no foreground voxel (all background)",
-            "error" if options.empty_mask == "error" else "warning")
+        add(
+            case.mask,
+            "empty_mask",
+            "mask has no foreground voxel (all background)",
+            "error" if options.empty_mask == "error" else "warning",
+        )
     if images and images[0].shape == mask.shape:
         labels = case.lesion_labels
         lesion = mask.array == labels[0] if len(labels) == 1 else np.isin(mask.array, labels)
@@ -190,8 +212,11 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
             body = body_mask(images[0].array, case.modality)
             outside = 1.0 - float(np.count_nonzero(lesion & body)) / n_lesion
             if outside > options.outside_body_fraction:
-                add(case.mask, "lesion_outside_body",
-                    f"{outside:.0%} of {n_lesion} lesion voxel(s) lie outside the body")
+                add(
+                    case.mask,
+                    "lesion_outside_body",
+                    f"{outside:.0%} of {n_lesion} lesion voxel(s) lie outside the body",
+                )
     return problems
 
 
@@ -209,7 +234,9 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
 def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN001
     try:
         volume = load_image(
-            path, spatial_dims=options.spatial_dims, on_form_mismatch="sform",
+            path,
+            spatial_dims=options.spatial_dims,
+            on_form_mismatch="sform",
             form_tolerance_mm=options.tolerance_mm,
         )
     except ImageReadError as exc:
@@ -225,9 +252,12 @@ def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN
             add(path, "non_finite", f"{nan} NaN and {inf} Inf voxel(s)")
     difference = volume.meta.get("qform_sform_difference_mm")
     if difference is not None and difference > options.tolerance_mm:
-        add(path, "qform_sform",
+        add(
+            path,
+            "qform_sform",
             f"qform and sform disagree by up to {difference:.3g} mm (sform used by nibabel; "
-            "other tools use the qform)")
+            "other tools use the qform)",
+        )
     return volume
 
 

@@ -94,26 +94,37 @@ def geometry_differences(
     spacing_diff = np.abs(np.subtract(image.spacing, mask.spacing)).max()
     if spacing_diff > tolerance_mm:
         problems.append(
-            ("spacing", f"mask spacing {_fmt(mask.spacing)} mm != image spacing "
-             f"{_fmt(image.spacing)} mm (max difference {spacing_diff:.4g} mm)")
+            (
+                "spacing",
+                f"mask spacing {_fmt(mask.spacing)} mm != image spacing "
+                f"{_fmt(image.spacing)} mm (max difference {spacing_diff:.4g} mm)",
+            )
         )
     if image.orientation != mask.orientation:
         problems.append(
-            ("orientation", f"mask orientation {mask.orientation} != image orientation "
-             f"{image.orientation}")
+            (
+                "orientation",
+                f"mask orientation {mask.orientation} != image orientation {image.orientation}",
+            )
         )
     else:
         direction_diff = np.abs(image.affine[:3, :3] - mask.affine[:3, :3]).max()
         if direction_diff > tolerance_mm and spacing_diff <= tolerance_mm:
             problems.append(
-                ("direction", f"mask direction matrix differs from the image's by up to "
-                 f"{direction_diff:.4g} mm per voxel")
+                (
+                    "direction",
+                    f"mask direction matrix differs from the image's by up to "
+                    f"{direction_diff:.4g} mm per voxel",
+                )
             )
     origin_diff = float(np.abs(image.affine[:3, 3] - mask.affine[:3, 3]).max())
     if origin_diff > tolerance_mm:
         problems.append(
-            ("origin", f"mask origin {_fmt(mask.origin)} mm != image origin "
-             f"{_fmt(image.origin)} mm (max difference {origin_diff:.4g} mm)")
+            (
+                "origin",
+                f"mask origin {_fmt(mask.origin)} mm != image origin "
+                f"{_fmt(image.origin)} mm (max difference {origin_diff:.4g} mm)",
+            )
         )
     return problems
 

@@ -1,0 +1,53 @@
+"""`synthlesion demo`: the main job end to end (quick profile), and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from synthlesion.cli import main
+from synthlesion.dataset import read_manifest
+from synthlesion.evaluation.demo import ensure_patient_hashes, run_demo
+from synthlesion.evaluation.errors import RunFolderError
+
+
+def test_demo_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not empty"):
+        run_demo(tmp_path)
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--no-progress"]) == 1
+    assert "nothing was overwritten" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_says_where_everything_is(tmp_path, capsys):
+    out = tmp_path / "demo"
+    status = main(["demo", "--out", str(out), "--quick", "--threads", "1", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    for stage in ("1/5 phantom", "2/5 training", "3/5 painting", "4/5 building", "5/5 downstream"):
+        assert stage in printed
+    assert "Everything is in" in printed and "report.html" in printed
+    assert (out / "data" / "phantom" / "dataset.json").is_file()
+    model = out / "diffusion" / "model"
+    record = json.loads((model / "training_record.json").read_text())
+    assert record["patient_id_hashes"]
+    assert not ensure_patient_hashes(model, out / "data" / "splits.json")  # already complete
+    rows = list(read_manifest(out / "synthetic" / "manifest.jsonl"))
+    assert rows and all(r.source_split == "train" for r in rows)
+    build = json.loads((out / "dataset" / "build.json").read_text())
+    assert build["counts"]["train"]["synthetic"] == len(rows)
+    assert (out / "dataset" / "dataset_card.md").is_file()
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    kinds = {a["kind"] for a in results["arms"]}
+    assert kinds == {"real", "classical", "copy_paste", "handcrafted", "diffusion"}
+    assert all(len(a["metrics"]["dice"]["values"]) == 3 for a in results["arms"])
+    assert "diffusion" in results["fidelity"]["generators"]
+    report = Path(out / "evaluation" / "report.html")
+    assert report.is_file() and (out / "evaluation" / "figures" / "grid_diffusion.png").is_file()
+    assert json.loads((out / "demo.json").read_text())["paths"]["report"] == str(report)
+    # an earlier demo is only replaced on request
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 1
