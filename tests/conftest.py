@@ -77,3 +77,41 @@ def write_dataset(
 def clean_case(tmp_path: Path) -> Path:
     """A one-case clean dataset; returns dataset.json."""
     return write_dataset(tmp_path / "clean", {"case_a": (ct_image(), lesion_mask())})
+
+
+def single_torch_thread():
+    """Generator for a module fixture: tiny networks run fastest on one torch thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def phantom_with_splits(
+    root: Path,
+    *,
+    n_patients: int,
+    seed: int,
+    lesion_fraction: float,
+    kind: str = "mri",
+    size: int = 32,
+) -> tuple[Path, Path]:
+    """A small 2D phantom dataset and its locked splits file."""
+    from synthlesion.data.phantom import make_phantom_dataset
+    from synthlesion.data.sources import load_cases
+    from synthlesion.data.splits import save_splits, split_patients
+
+    dataset = make_phantom_dataset(
+        root / f"{kind}2d",
+        kind=kind,
+        spatial_dims=2,
+        n_patients=n_patients,
+        size=size,
+        seed=seed,
+        lesion_fraction=lesion_fraction,
+    )
+    splits = root / "splits.json"
+    save_splits(split_patients(load_cases(dataset), seed=0), splits)
+    return dataset, splits

@@ -11,11 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ct_image, lesion_mask, write_dataset
+from conftest import ct_image, lesion_mask, phantom_with_splits, single_torch_thread, write_dataset  # noqa: E402
 
 from synthlesion.data.cases import Case
-from synthlesion.data.phantom import make_phantom_dataset
-from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits, save_splits, split_patients
 from synthlesion.data.volume import Volume
 from synthlesion.errors import ConfigError, LabelError, SplitError
@@ -38,30 +36,14 @@ from synthlesion.training.preprocess import resample, to_ras
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is fastest and does not fight other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("phantom")
-    dataset = make_phantom_dataset(
-        root / "mri2d",
-        kind="mri",
-        spatial_dims=2,
-        n_patients=12,
-        size=32,
-        seed=1,
-        lesion_fraction=0.7,
+    return phantom_with_splits(
+        tmp_path_factory.mktemp("phantom"), n_patients=12, seed=1, lesion_fraction=0.7
     )
-    splits = root / "splits.json"
-    save_splits(split_patients(load_cases(dataset), seed=0), splits)
-    return dataset, splits
 
 
 def data_config(dataset: Path, splits: Path, **extra):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import phantom_with_splits, single_torch_thread  # noqa: E402
 from safetensors.torch import load_file
 
 from synthlesion.cli import main as cli_main
@@ -29,30 +30,14 @@ from synthlesion.training.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is fastest and does not fight other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("loop")
-    dataset = make_phantom_dataset(
-        root / "mri2d",
-        kind="mri",
-        spatial_dims=2,
-        n_patients=10,
-        size=32,
-        seed=2,
-        lesion_fraction=0.8,
+    return phantom_with_splits(
+        tmp_path_factory.mktemp("loop"), n_patients=10, seed=2, lesion_fraction=0.8
     )
-    splits = root / "splits.json"
-    save_splits(split_patients(load_cases(dataset), seed=0), splits)
-    return dataset, splits
 
 
 def tiny_raw(out: Path, phantom: tuple[Path, Path]) -> dict:
