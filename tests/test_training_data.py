@@ -16,6 +16,7 @@ from conftest import ct_image, lesion_mask, phantom_with_splits, single_torch_th
 from synthlesion.data.cases import Case
 from synthlesion.data.splits import Splits, save_splits, split_patients
 from synthlesion.data.volume import Volume
+from synthlesion.dataset.provenance import hash_patient_id
 from synthlesion.errors import ConfigError, LabelError, SplitError
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.config import load_train_config
@@ -25,7 +26,6 @@ from synthlesion.training.data import (
     CropMaker,
     DataPosition,
     crop_spec,
-    hash_patient,
     load_training_data,
     make_loader,
 )
@@ -111,10 +111,10 @@ def test_only_train_patients_are_used(phantom):
     train_patients = set(splits.patients("train"))
     assert {p.patient_id for p in data.train} <= train_patients
     assert data.record["patient_id_hashes"] == sorted(
-        hash_patient(p) for p in {p.patient_id for p in data.train}
+        hash_patient_id(p) for p in {p.patient_id for p in data.train}
     )
     held_out = set(splits.patients("val")) | set(splits.patients("test"))
-    assert not {hash_patient(p) for p in held_out} & set(data.record["patient_id_hashes"])
+    assert not {hash_patient_id(p) for p in held_out} & set(data.record["patient_id_hashes"])
     case = data.train[0]
     assert case.image.dtype == np.float32 and -1 <= case.image.min() <= case.image.max() <= 1
     assert np.issubdtype(case.labels.dtype, np.integer)

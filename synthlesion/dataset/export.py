@@ -183,7 +183,8 @@ class JsonListWriter:
         self.count += 1
 
     def add_extra(self, name: str, value: Any) -> None:
-        assert self.side is not None
+        if self.side is None:
+            raise ValueError(f"{self.path}: add_extra needs a writer made with extra_key")
         self.side.write(
             ("\n    " if self.extra_count == 0 else ",\n    ")
             + f"{json.dumps(name)}: {json.dumps(value)}"

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from synthlesion.evaluation.errors import EvaluationError, RunFolderError
 from synthlesion.evaluation.scenario import Scenario, describe_splits, make_scenario
-from synthlesion.storage import atomic_write_json, sha256_bytes
+from synthlesion.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -125,44 +124,6 @@ def diffusion_train_config(
     }
 
 
-def ensure_patient_hashes(model_dir: Path, splits_path: Path) -> bool:
-    """Add ``patient_id_hashes`` to a model's training record when training left it out.
-
-    The training package records ``train_patient_sha256`` (sha256 of each id) while sampling
-    and the dataset builder read ``patient_id_hashes`` (``hash_patient_id``). The train
-    patients of the splits whose plain sha256 the record lists are re-hashed the builder's way;
-    the record is otherwise unchanged. Returns True when the record was completed.
-    """
-    from synthlesion.data.splits import load_splits
-    from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, hash_patient_id
-
-    path = model_dir / "training_record.json"
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("patient_id_hashes"):
-        return False
-    listed = set(record.get("train_patient_sha256") or [])
-    if not listed:
-        raise EvaluationError(
-            f"{path}: lists no training patients (neither patient_id_hashes nor "
-            "train_patient_sha256); the guards cannot trust this generator"
-        )
-    splits = load_splits(splits_path)
-    patients = [
-        p
-        for side in ("train", "val", "test")
-        for p in splits.patients(side)
-        if sha256_bytes(p.encode("utf-8")) in listed
-    ]
-    if len(patients) != len(listed):
-        raise EvaluationError(
-            f"{path}: its train_patient_sha256 list does not match the patients of {splits_path}"
-        )
-    record["patient_hash_scheme"] = PATIENT_HASH_SCHEME
-    record["patient_id_hashes"] = sorted(hash_patient_id(p) for p in patients)
-    atomic_write_json(path, record)
-    return True
-
-
 def _claim(out: Path, overwrite: bool) -> None:
     marker = out / DEMO_FILE
     if out.exists() and any(out.iterdir()):
@@ -260,12 +221,6 @@ def run_demo(
         if trained.model_dir is None:
             raise EvaluationError(f"diffusion training ended {trained.status}")
         loss = [r["loss"] for r in trained.metrics if "loss" in r]
-        if ensure_patient_hashes(trained.model_dir, splits):
-            logger.warning(
-                "%s: completed the training record with patient_id_hashes (the "
-                "training package did not write them)",
-                trained.model_dir,
-            )
         say(f"    model: {trained.model_dir} (loss {loss[0]:.3f} -> {loss[-1]:.3f})")
         result.paths["model"] = trained.model_dir
         lap("diffusion training")
@@ -357,6 +312,5 @@ __all__ = [
     "DemoProfile",
     "DemoResult",
     "diffusion_train_config",
-    "ensure_patient_hashes",
     "run_demo",
 ]

@@ -27,7 +27,6 @@ from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from synthlesion.evaluation.config import FidelityConfig
-from synthlesion.evaluation.handcrafted import ring_width_mm
 from synthlesion.evaluation.segmenter import ArrayCase, TrainedSegmenter
 from synthlesion.pipelines.quality import lesion_statistics
 
@@ -78,7 +77,7 @@ def lesions_of(
     )
     for index in range(1, count + 1):
         one = components == index
-        s = lesion_statistics(raw, one, spacing, tissue=tissue, ring_mm=ring_width_mm(spacing))
+        s = lesion_statistics(raw, one, spacing, tissue=tissue)
         centre = tuple(int(round(c)) for c in ndimage.center_of_mass(one))
         out.append(
             Lesion(

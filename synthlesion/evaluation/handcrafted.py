@@ -44,11 +44,6 @@ logger = logging.getLogger(__name__)
 GENERATOR_FORMAT = "synthlesion-handcrafted-generator/1"
 
 
-def ring_width_mm(spacing: Sequence[float]) -> float:
-    """Ring width for lesion contrast: 3 mm, or 1.5 voxels where voxels are coarser."""
-    return max(3.0, 1.5 * max(float(s) for s in spacing))
-
-
 @dataclass(frozen=True)
 class RealLesionFit:
     """What the baseline learns from the real training lesions (image units, mm).
@@ -103,7 +98,6 @@ class RealLesionFit:
                     one,
                     image.spacing,
                     tissue=tissue,
-                    ring_mm=ring_width_mm(image.spacing),
                 )
                 volumes.append(float(one.sum()) * voxel)
                 contrasts.append(stats.contrast)
@@ -348,6 +342,5 @@ __all__ = [
     "HandcraftedReport",
     "RealLesionFit",
     "paint_handcrafted_lesion",
-    "ring_width_mm",
     "run_handcrafted",
 ]

@@ -17,6 +17,7 @@ Steps of ``__call__``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from synthlesion.data.intensity import IntensityNormaliser
@@ -321,9 +321,7 @@ class LesionSynthesisPipeline:
         output = source.copy()
         low, high = float(source.min()), float(source.max())
         for (region, local), crop in zip(planned, generated, strict=True):
-            in_roi = tuple(
-                slice(g.start - s, g.stop - s) for g, s in zip(local.box, region.start, strict=True)
-            )
+            in_roi = _shift(local.box, region.start)
             values = self.normaliser.denormalise(crop[in_roi], value_range)
             w = local.weight
             blended = np.clip(source[local.box] * (1 - w) + values * w, low, high)
@@ -337,10 +335,7 @@ class LesionSynthesisPipeline:
             roi, _ = region.slices(image.shape)
             lesion_roi = np.zeros(output[roi].shape, dtype=bool)
             region_roi = np.zeros_like(lesion_roi)
-            offset = tuple(
-                slice(g.start - r.start, g.stop - r.start)
-                for g, r in zip(local.box, roi, strict=True)
-            )
+            offset = _shift(local.box, [r.start for r in roi])
             lesion_roi[offset] = local.lesion
             region_roi[offset] = local.region
             quality.append(
@@ -363,9 +358,7 @@ class LesionSynthesisPipeline:
         src, dst = region.slices(array.shape)
         image = np.full(region.size, -1.0, dtype=np.float32)
         image[dst] = self.normaliser.normalise(array[src], value_range)
-        in_roi = tuple(
-            slice(g.start - s, g.stop - s) for g, s in zip(local.box, region.start, strict=True)
-        )
+        in_roi = _shift(local.box, region.start)
         fill = np.zeros(region.size, dtype=np.float32)
         fill[in_roi] = local.region
         classes = int(self.model.config.lesion_classes)
@@ -434,14 +427,18 @@ class LesionSynthesisPipeline:
         step_kwargs = {"generator": generators} if scheduler_name == "ddpm" else {}
         sched.set_timesteps(steps, device=device)
         known = model.encode(batch["image"])
-        region = _mask_to(batch["region"], known.shape[2:])
+        from synthlesion.models.conditioning import downsample_mask  # diffusers: import late
+
+        region = downsample_mask(batch["region"], model.latent_factor)
         noise = torch.stack([torch.randn(known.shape[1:], generator=g) for g in generators]).to(
             device, known.dtype
         )
         x = noise * sched.init_noise_sigma
         timesteps = list(sched.timesteps)
         autocast = (
-            torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None else _null()
+            torch.autocast(device.type, dtype=self.dtype)
+            if self.dtype is not None
+            else contextlib.nullcontext()
         )
         for i, t in enumerate(timesteps):
             for jump in range(jumps + 1):
@@ -481,13 +478,9 @@ def read_training_record(model_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def _mask_to(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A region mask at the denoising resolution: max-pool down (never blend a mask)."""
-    if tuple(mask.shape[2:]) == tuple(shape):
-        return mask
-    factor = [m // s for m, s in zip(mask.shape[2:], shape, strict=True)]
-    pool = F.max_pool2d if mask.ndim == 4 else F.max_pool3d
-    return pool(mask, kernel_size=factor, stride=factor)
+def _shift(box: Sequence[slice], origin: Sequence[int]) -> tuple[slice, ...]:
+    """Slices ``box`` (scan coordinates) expressed relative to ``origin``."""
+    return tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, origin, strict=True))
 
 
 def _renoise(sched, x, t, t_prev, generators):  # noqa: ANN001, ANN202
@@ -498,11 +491,3 @@ def _renoise(sched, x, t, t_prev, generators):  # noqa: ANN001, ANN202
         x.device, x.dtype
     )
     return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return False

@@ -54,15 +54,15 @@ def lesion_statistics(
         image: Image, shape ``S``.
         mask: Boolean lesion mask, shape ``S``.
         spacing: Voxel size in mm.
-        ring_mm: Ring thickness around the mask, in mm (at least one voxel).
+        ring_mm: Ring thickness around the mask, in mm (at least 1.5 voxels, see
+            :func:`ring_width_mm`).
         tissue: Optional boolean map the ring is restricted to (e.g. the organ).
     """
     mask = mask.astype(bool)
     if not mask.any():
         raise ValueError("lesion statistics need a non-empty mask")
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    # at least one voxel thick, also on coarse grids
-    ring = (outside > 0) & (outside <= max(ring_mm, 1.01 * max(spacing)))
+    ring = (outside > 0) & (outside <= ring_width_mm(spacing, ring_mm))
     if tissue is not None and (ring & tissue).any():
         ring &= tissue
     values = image[mask].astype(np.float64)
@@ -75,6 +75,12 @@ def lesion_statistics(
         float(values.mean()) - ring_mean,
         int(mask.sum()),
     )
+
+
+def ring_width_mm(spacing: Sequence[float], ring_mm: float = 3.0) -> float:
+    """Width of the ring around a lesion: ``ring_mm``, or 1.5 voxels where voxels are coarser
+    (a ring thinner than a voxel would be empty)."""
+    return max(float(ring_mm), 1.5 * max(float(s) for s in spacing))
 
 
 def seam_score(source: np.ndarray, synthetic: np.ndarray, paste_region: np.ndarray) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy import ndimage
 
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image, save_image
@@ -44,7 +45,7 @@ from synthlesion.pipelines.lesion_synthesis import (
     read_training_record,
 )
 from synthlesion.pipelines.quality import RealLesionReference
-from synthlesion.storage import atomic_write_json, canonical_json_hash
+from synthlesion.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -444,8 +445,6 @@ def _target_mask(
         target[placed] = 1
         facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(placed.sum())})
         # keep later lesions away from this one
-        from scipy import ndimage
-
         away = (
             ndimage.distance_transform_edt(~placed, sampling=spacing)
             > options.min_lesion_distance_mm
@@ -467,11 +466,6 @@ def _draw_volume(
     if bank is not None:
         return float(bank.lesions[0].volume_mm3 * rng.uniform(0.7, 1.3))
     return float(np.exp(rng.uniform(np.log(fallback[0]), np.log(fallback[1]))))
-
-
-def options_hash(options: SampleOptions) -> str:
-    """Stable hash of the options (recorded with the run)."""
-    return canonical_json_hash({k: str(v) for k, v in options.__dict__.items()})
 
 
 __all__ = ["SampleOptions", "SamplingReport", "case_seed", "run_sampling"]

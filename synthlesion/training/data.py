@@ -77,12 +77,6 @@ class TrainingData:
         return len(self.preprocessing.lesion_labels)
 
 
-def hash_patient(patient_id: str) -> str:
-    """The patient hash of training records (``synthlesion.dataset.provenance``'s scheme, so
-    the dataset builder can prove a generator never saw an evaluation patient)."""
-    return hash_patient_id(patient_id)
-
-
 def dataset_hash(path: Path, cases: Sequence[Case]) -> tuple[str, str]:
     """sha256 of the dataset's manifest (``dataset.json`` / CSV / JSONL) and the file hashed.
 
@@ -252,10 +246,10 @@ def load_training_data(
         "train_lesions": n_lesions,
         "train_patients": len(patients),
         "patient_hash_scheme": PATIENT_HASH_SCHEME,
-        "patient_id_hashes": sorted(hash_patient(p) for p in patients),
+        "patient_id_hashes": sorted(hash_patient_id(p) for p in patients),
         "synthetic_train_cases": sum(1 for c in train if c.origin == "synthetic"),
         "evaluation_source": source,
-        "evaluation_patient_id_hashes": sorted({hash_patient(p.patient_id) for p in evaluation}),
+        "evaluation_patient_id_hashes": sorted({hash_patient_id(p.patient_id) for p in evaluation}),
     }
     names = tuple(labels.get(v, f"label {v}") for v in lesion_labels)
     logger.info(
