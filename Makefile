@@ -21,8 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/synthlesion demo --out $(DEMO_DIR)
+	$(VENV)/bin/synthlesion demo --out $(DEMO_DIR) --overwrite
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

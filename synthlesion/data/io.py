@@ -233,12 +233,11 @@ def _read_array(path: Path, image: nib.Nifti1Image) -> np.ndarray:
 def _check_dims(volume: Volume, spatial_dims: int | None) -> Volume:
     array = volume.array
     path = volume.source
-    # Only trailing axes of size 1 are squeezed, and never below the expected dimensions.
+    # Only trailing axes of size 1 are squeezed, never below the expected dimensions (3 when
+    # none is asked for, so a one-slice 3D image stays 3D).
     target = spatial_dims if spatial_dims is not None else 3
     while array.ndim > target and array.shape[-1] == 1:
         array = array[..., 0]
-    if spatial_dims is None and array.ndim == 3 and array.shape[-1] == 1:
-        pass  # a 3D image with one slice stays 3D when no dimensionality is asked for
     if array.ndim > 3 or (spatial_dims is not None and array.ndim != spatial_dims):
         expected = f"{spatial_dims}D" if spatial_dims is not None else "2D or 3D"
         raise ImageReadError(
