@@ -5,7 +5,9 @@ One process, the same data for everyone: the embedded 3D CT phantom (resampled t
 pipeline is affine + elastic + Gaussian noise + bias field + gamma on the image and the mask:
 
 * synthlesion: ``Compose`` on batches (B, 1, *spatial), as after a DataLoader, eager and with
-  the compiled backend (its compilation time is reported apart, not counted);
+  the compiled backend (its compilation time is reported apart, not counted); the warp runs
+  the fused kernel (numba on the CPU, Triton on CUDA) unless ``--samplers`` asks for the
+  ``grid_sample`` path too (``torch``);
 * MONAI: ``Rand3DElasticd`` (with rotation and scale) / ``Rand2DElasticd``,
   ``RandGaussianNoised``, ``RandBiasFieldd``, ``RandAdjustContrastd``, all ``prob=1``, one item
   at a time as its users run it (on GPU tensors with ``--device cuda``);
@@ -17,6 +19,7 @@ that load from other processes hits every library alike. Prints volumes per seco
 ratios, and ends with one line of JSON holding every figure.
 
 Usage: python scripts/bench_augment.py [--quick] [--device cpu|cuda] [--batch B] [--seconds S]
+       [--samplers auto,torch] [--backends eager,compiled] [--sizes 128x3,512x2]
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def _fallback(size: int, nd: int) -> tuple[np.ndarray, np.ndarray, tuple[float, 
 # --- pipelines ---------------------------------------------------------------------------------
 
 
-def ours(backend: str, nd: int, spacing: tuple[float, ...], device: str, seed: int = 0):
+def ours(backend: str, nd: int, spacing: tuple[float, ...], device: str, seed: int = 0,
+         sampler: str = "auto"):  # fmt: skip
     from synthlesion.augment import (
         Compose,
         RandAffine,
@@ -93,8 +97,14 @@ def ours(backend: str, nd: int, spacing: tuple[float, ...], device: str, seed: i
     keys = ("image", "label")
     return Compose(
         [
-            RandAffine(*keys, rotate=(-10, 10), scale=(0.9, 1.1), spacing=spacing),
-            RandElastic(*keys, control_points=7, max_displacement=(0.0, 7.5), spacing=spacing),
+            RandAffine(*keys, rotate=(-10, 10), scale=(0.9, 1.1), spacing=spacing, sampler=sampler),
+            RandElastic(
+                *keys,
+                control_points=7,
+                max_displacement=(0.0, 7.5),
+                spacing=spacing,
+                sampler=sampler,
+            ),
             RandGaussianNoise("image", std=(0.0, 0.1)),
             RandBiasField("image", coefficients=(-0.3, 0.3), order=3),
             RandGamma("image", log_gamma=(-0.3, 0.3)),
@@ -192,8 +202,9 @@ class Runner:
         return self.done / self.seconds if self.done and not self.error else None
 
 
-def _ours_step(backend: str, nd: int, spacing, device: str, data: dict) -> Callable[[], Any]:
-    pipe = ours(backend, nd, spacing, device)
+def _ours_step(backend: str, nd: int, spacing, device: str, data: dict,
+               sampler: str) -> Callable[[], Any]:  # fmt: skip
+    pipe = ours(backend, nd, spacing, device, sampler=sampler)
     return lambda: pipe(data)
 
 
@@ -237,12 +248,14 @@ def bench_size(size: int, nd: int, args: argparse.Namespace) -> dict[str, Any]:
             runners.append(failed)
 
     for backend in args.backends:
-        add(
-            f"synthlesion_{backend}",
-            lambda b=backend: _ours_step(b, nd, spacing, device, batch_data),
-            batch,
-            device,
-        )
+        for sampler in args.samplers:
+            name = f"synthlesion_{backend}" + ("" if sampler == "auto" else f"_{sampler}")
+            add(
+                name,
+                lambda b=backend, s=sampler: _ours_step(b, nd, spacing, device, batch_data, s),
+                batch,
+                device,
+            )
     if not args.skip_monai:
         item = {"image": img.to(device), "label": lab.to(device)}
         add("monai", lambda: _monai_step(nd, device, item), 1, device)
@@ -287,11 +300,12 @@ def _fmt(rate: float | None) -> str:
 def report(result: dict[str, Any]) -> None:
     print(f"\n{result['shape']} on {result['device']}  (synthlesion batch {result['batch']}; "
           f"MONAI/TorchIO one volume at a time; spacing {result['spacing_mm']} mm)")  # fmt: skip
-    for name in ("synthlesion_compiled", "synthlesion_eager", "monai", "torchio"):
+    names = [k for k in result if k.startswith("synthlesion_") and isinstance(result[k], dict)]
+    for name in [*names, "monai", "torchio"]:
         if name in result:
             r = result[name]
             extra = f"  error: {r['error']}" if r["error"] else ""
-            warm = f"  (first call {r['warmup_s']:.1f} s)" if name.endswith("compiled") else ""
+            warm = f"  (first call {r['warmup_s']:.1f} s)" if "compiled" in name else ""
             print(f"  {name:22s} {_fmt(r['volumes_per_s'])} volumes/s  "
                   f"[{r['volumes']} volumes in {r['seconds']:.1f} s]{warm}{extra}")  # fmt: skip
     for key, value in result.items():
@@ -307,6 +321,12 @@ def main() -> int:
                         "for 3D on CPU, 16 for 2D and on CUDA)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=None, help="timed seconds per library")
     parser.add_argument("--backends", default=None, help="comma list: compiled,eager")
+    parser.add_argument(
+        "--samplers",
+        default="auto",
+        help="comma list of warp samplers: "
+        "auto (fused kernel where available), torch (grid_sample), native",
+    )
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-torchio", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -323,6 +343,7 @@ def main() -> int:
         args.backends = ["eager"] if (args.quick or cuda) else ["compiled", "eager"]
     else:
         args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.samplers = [v.strip() for v in args.samplers.split(",") if v.strip()]
     if args.quick:
         sizes = [(32, 3), (64, 2)]
         args.seconds = args.seconds or 0.5

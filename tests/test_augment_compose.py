@@ -138,3 +138,39 @@ def test_cuda_batch_stays_on_device_and_matches_cpu_parameters() -> None:
     assert set(out["label"].unique().tolist()) <= {0, 1, 2}
     with pytest.raises(Exception, match="generator"):
         pipeline(seed=1).set_random_state(1, device="cpu")(data)
+
+
+def test_value_checks_on_an_accelerator_run_on_the_first_batch_only() -> None:
+    """Off the CPU, checks that read values back run once per key; dtype checks always."""
+    from synthlesion.augment.base import AugmentationError, BatchView
+
+    mask_as_image = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    with pytest.raises(AugmentationError, match="mask"):
+        BatchView({"image": mask_as_image}, ["image"], [], transform="t", spatial_dims=2)
+    seen: set[str] = set()
+    BatchView({"image": torch.rand(2, 1, 8, 8)}, ["image"], [], transform="t",
+              spatial_dims=2, values_checked=seen)  # fmt: skip
+    assert seen == set()  # CPU tensors: checked every time, nothing remembered
+    meta = torch.rand(2, 1, 8, 8, device="meta")  # stands in for an accelerator tensor
+    view = BatchView({"image": meta}, ["image"], [], transform="t", spatial_dims=2,
+                     values_checked={"image"}, validate=True)  # fmt: skip
+    assert view.images["image"] is meta  # the value probe was skipped (meta has no values)
+    with pytest.raises(AugmentationError, match="floating point"):
+        BatchView({"image": meta.long()}, ["image"], [], transform="t", spatial_dims=2,
+                  values_checked={"image"})  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_cuda_pipeline_never_waits_for_the_device_after_the_first_batch(backend: str) -> None:
+    """Affine + elastic + flip + noise + bias + gamma: no host-device synchronisation."""
+    data = {k: v.cuda() for k, v in scene(batch=4).items()}
+    pipe = pipeline(backend, seed=2).set_random_state(2, device="cuda")
+    pipe(data)  # the first batch runs the value checks (and compiles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pipe(data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["image"].is_cuda and out["label"].dtype == torch.uint8

@@ -20,6 +20,7 @@ from synthlesion.augment import (
     invert,
 )
 from synthlesion.augment import grid as grid_module
+from synthlesion.augment import warp as warp_module
 from synthlesion.augment.base import BatchInfo
 from synthlesion.augment.grid import upsample
 from synthlesion.augment.warp import composite_voxel_grid
@@ -50,49 +51,64 @@ def test_upsample_matches_interpolate() -> None:
     torch.testing.assert_close(ours, ref)
 
 
-def test_fused_pipeline_samples_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Affine + elastic + flip: one grid_sample for images, one (nearest) for labels."""
-    calls = []
-    real = F.grid_sample
+def _count_samplings(monkeypatch: pytest.MonkeyPatch, sampler: str) -> list[tuple]:
+    """Record (spatial shape, mode) of every full resampling the chosen sampler makes."""
+    calls: list[tuple] = []
+    if sampler == "torch":
+        real = F.grid_sample
 
-    def counting(input, grid, mode="bilinear", **kwargs):
-        calls.append((tuple(grid.shape), mode))
-        return real(input, grid, mode=mode, **kwargs)
+        def counting(input, grid, mode="bilinear", **kwargs):
+            calls.append((tuple(grid.shape[1:-1]), mode))
+            return real(input, grid, mode=mode, **kwargs)
 
-    monkeypatch.setattr(grid_module.F, "grid_sample", counting)
+        monkeypatch.setattr(grid_module.F, "grid_sample", counting)
+    else:
+        pytest.importorskip("numba")
+        real_native = warp_module.warp_sample
+
+        def counting_native(source, coarse, *, mode, **kwargs):
+            calls.append((tuple(source.shape[2:]), "bilinear" if mode == "linear" else mode))
+            return real_native(source, coarse, mode=mode, **kwargs)
+
+        monkeypatch.setattr(warp_module, "warp_sample", counting_native)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["torch", "native"])
+def test_fused_pipeline_samples_once(monkeypatch: pytest.MonkeyPatch, sampler: str) -> None:
+    """Affine + elastic + flip: one linear sampling for images, one nearest for labels."""
+    calls = _count_samplings(monkeypatch, sampler)
     shape = (16, 18, 20)
     image = smooth_image(shape, batch=2)
     label = disk_label(shape, (1, 1, 1), 5).repeat(2, 1, 1, 1, 1)
     pipe = Compose(
         [
-            RandAffine("image", "label", rotate=(-10, 10)),
-            RandElastic("image", "label", control_points=5, max_displacement=1.5),
-            RandFlip("image", "label", axes=(0, 1)),
+            RandAffine("image", "label", rotate=(-10, 10), sampler=sampler),
+            RandElastic("image", "label", control_points=5, max_displacement=1.5, sampler=sampler),
+            RandFlip("image", "label", axes=(0, 1), sampler=sampler),
         ],
         seed=0,
     )
     out = pipe({"image": image, "label": label})
-    full = [c for c in calls if c[0][1:4] == shape]
+    full = [c for c in calls if c[0] == shape]
     assert sorted(mode for _, mode in full) == ["bilinear", "nearest"]
     assert [r["name"] for r in out[APPLIED_KEY]] == ["RandAffine", "RandElastic", "RandFlip"]
 
 
-def test_unfused_compose_resamples_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = F.grid_sample
-    monkeypatch.setattr(
-        grid_module.F,
-        "grid_sample",
-        lambda i, g, **k: calls.append(tuple(g.shape)) or real(i, g, **k),
-    )
+@pytest.mark.parametrize("sampler", ["torch", "native"])
+def test_unfused_compose_resamples_each_time(monkeypatch: pytest.MonkeyPatch, sampler: str) -> None:
+    calls = _count_samplings(monkeypatch, sampler)
     image = smooth_image((12, 12))
     pipe = Compose(
-        [RandAffine("image"), RandElastic("image", control_points=4, max_displacement=1.0)],
+        [
+            RandAffine("image", sampler=sampler),
+            RandElastic("image", control_points=4, max_displacement=1.0, sampler=sampler),
+        ],
         fuse=False,
         seed=0,
     )
     pipe({"image": image})
-    assert len([c for c in calls if c[1:3] == (12, 12)]) == 2  # full-resolution samplings
+    assert len([c for c in calls if c[0] == (12, 12)]) == 2  # full-resolution samplings
 
 
 def test_fused_close_to_sequential_on_smooth_image() -> None:

@@ -145,9 +145,29 @@ def uniform(
     the random stream does not depend on which settings are fixed.
     """
     u = torch.rand((batch, len(ranges)), generator=generator, device=device, dtype=torch.float64)
-    low = torch.tensor([r[0] for r in ranges], dtype=torch.float64, device=device)
-    high = torch.tensor([r[1] for r in ranges], dtype=torch.float64, device=device)
-    return low + (high - low) * u
+    low = constant([r[0] for r in ranges], torch.float64, device)
+    span = constant([r[1] - r[0] for r in ranges], torch.float64, device)
+    return torch.addcmul(low, span, u)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: Sequence[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A small read-only constant on ``device`` (from nested lists of numbers), made once
+    and cached.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the
+    device on every call; transforms run per batch, so their constants are cached instead.
+    Never modify the returned tensor in place.
+    """
+    key = (str(values), dtype, str(device))
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if len(_CONSTANTS) > 4096:
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return value
 
 
 # --- batch view ----------------------------------------------------------------------------------
@@ -163,6 +183,7 @@ class BatchInfo:
         device: Device of every tensor under the transform's keys.
         dtype: Floating dtype of the images (float32 when there is none).
         spacing: ``(B, spatial_dims)`` float64 voxel size in mm, on ``device``.
+        spacing_host: The same on the CPU, where known without waiting for the device.
     """
 
     batch_size: int
@@ -170,6 +191,11 @@ class BatchInfo:
     device: torch.device
     dtype: torch.dtype
     spacing: torch.Tensor
+    spacing_host: torch.Tensor | None = None
+
+    def host_spacing(self) -> torch.Tensor:
+        """``spacing`` on the CPU (copied from the device only when not known)."""
+        return self.spacing_host if self.spacing_host is not None else self.spacing.cpu()
 
     @property
     def spatial_dims(self) -> int:
@@ -231,6 +257,11 @@ class BatchView:
 
     Checks, once: keys present, tensors, 2D/3D shapes, one batch size, one spatial shape and
     one device for every key, images floating point and not masks, labels integral.
+
+    The checks of values (an image holding only 0 and 1, a label map with fractions or
+    negatives) read a result back from the tensor's device. On an accelerator that wait
+    would stall the pipeline, so there they run on the first batch per key only: keys in
+    ``values_checked`` (a set the transform keeps) are skipped, and checked keys are added.
     """
 
     def __init__(
@@ -244,6 +275,7 @@ class BatchView:
         allow_missing_keys: bool = False,
         validate: bool = True,
         default_spacing: Sequence[float] | None = None,
+        values_checked: set[str] | None = None,
     ) -> None:
         if not isinstance(data, Mapping):
             raise AugmentationError(
@@ -310,13 +342,17 @@ class BatchView:
                     )
             else:
                 reference = (key, x)
+            values = True
+            if x.device.type != "cpu" and values_checked is not None:
+                values = key not in values_checked
+                values_checked.add(key)
             if key in label_keys:
                 if validate:
-                    check_label(x, key, transform)
+                    check_label(x, key, transform, values=values)
                 self.labels[key] = x
             else:
                 if validate:
-                    check_image(x, key, transform)
+                    check_image(x, key, transform, values=values)
                 self.images[key] = x
         if reference is None:
             raise AugmentationError("none of the keys is in the item", transform=transform)
@@ -324,15 +360,19 @@ class BatchView:
         ref = reference[1]
         shape = tuple(int(s) for s in ref.shape[2:])
         dtype = next((x.dtype for x in self.images.values()), torch.float32)
-        spacing = self._spacing(default_spacing, ref.shape[0], len(shape), ref.device)
-        self.info = BatchInfo(int(ref.shape[0]), shape, ref.device, dtype, spacing)
+        host = self._spacing(default_spacing, ref.shape[0], len(shape))
+        spacing = host.to(ref.device, non_blocking=True) if ref.device != host.device else host
+        self.info = BatchInfo(
+            int(ref.shape[0]), shape, ref.device, dtype, spacing,
+            host if host.device.type == "cpu" else None,
+        )  # fmt: skip
 
-    def _spacing(
-        self, default: Sequence[float] | None, batch: int, nd: int, device: torch.device
-    ) -> torch.Tensor:
+    def _spacing(self, default: Sequence[float] | None, batch: int, nd: int) -> torch.Tensor:
+        """``(B, nd)`` float64 spacing in mm, checked; on the CPU unless given as a device
+        tensor."""
         raw = self.data.get(SPACING_KEY, default)
         if raw is None:
-            return torch.ones((batch, nd), dtype=torch.float64, device=device)
+            return torch.ones((batch, nd), dtype=torch.float64)
         try:
             if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], torch.Tensor):
                 value = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in raw], -1)
@@ -342,7 +382,7 @@ class BatchView:
             raise AugmentationError(
                 f"cannot read spacing {raw!r} ({exc})", key=SPACING_KEY, transform=self.transform
             ) from None
-        value = value.to(device=device, dtype=torch.float64)
+        value = value.to(dtype=torch.float64)
         if value.ndim == 1:
             value = value[None].expand(batch, -1)
         if tuple(value.shape) != (batch, nd) or not bool((value > 0).all()):
@@ -373,8 +413,9 @@ class BatchView:
         return self.data
 
 
-def check_image(x: torch.Tensor, key: str, transform: str) -> None:
-    """Refuse a mask where an image is expected (integer dtype, or only the values 0 and 1)."""
+def check_image(x: torch.Tensor, key: str, transform: str, *, values: bool = True) -> None:
+    """Refuse a mask where an image is expected (integer dtype, or only the values 0 and 1;
+    ``values=False`` checks the dtype only)."""
     if not x.is_floating_point():
         raise AugmentationError(
             f"dtype {x.dtype} is not floating point: this looks like a label map (put the key in "
@@ -382,7 +423,7 @@ def check_image(x: torch.Tensor, key: str, transform: str) -> None:
             key=key,
             transform=transform,
         )
-    if x.numel() >= 64:
+    if values and x.numel() >= 64:
         probe = x.reshape(-1)[:: max(1, x.numel() // 4096)]  # cheap: most images fail here
         if not bool(((probe == 0) | (probe == 1)).all()):
             return
@@ -395,13 +436,14 @@ def check_image(x: torch.Tensor, key: str, transform: str) -> None:
             )
 
 
-def check_label(x: torch.Tensor, key: str, transform: str) -> None:
-    """Refuse an image where a label map is expected (fractions, negatives, huge values)."""
+def check_label(x: torch.Tensor, key: str, transform: str, *, values: bool = True) -> None:
+    """Refuse an image where a label map is expected (fractions, negatives, huge values;
+    ``values=False`` checks the dtype only)."""
     if x.is_complex():
         raise AugmentationError(
             f"dtype {x.dtype} cannot be a label map", key=key, transform=transform
         )
-    if x.dtype in (torch.bool, torch.uint8) or x.numel() == 0:
+    if not values or x.dtype in (torch.bool, torch.uint8) or x.numel() == 0:
         return
     low, high = x.min(), x.max()
     if x.is_floating_point():
@@ -501,6 +543,7 @@ class Transform:
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
         self.allow_missing_keys = allow_missing_keys
         self.validate = validate
+        self._values_checked: set[str] = set()  # keys value-checked on an accelerator
         self._instance = next(_instance_counter)
         self._device = torch.device(device) if device is not None else None
         self._seed = seed
@@ -562,6 +605,7 @@ class Transform:
             allow_missing_keys=self.allow_missing_keys,
             validate=self.validate if validate is None else validate,
             default_spacing=self.spacing,
+            values_checked=self._values_checked,
         )
 
     def draw(self, info: BatchInfo, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -615,10 +659,15 @@ class Transform:
 
 
 def where_applied(applied: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per sample: ``new`` where applied, ``old`` (byte-identical) elsewhere."""
-    if bool(applied.all()):
-        return new
-    if not bool(applied.any()):
-        return old
+    """Per sample: ``new`` where applied, ``old`` (byte-identical) elsewhere.
+
+    On the CPU the common cases (all or none applied) skip the blend; on an accelerator the
+    blend always runs, as asking first would wait for the device.
+    """
+    if applied.device.type == "cpu":
+        if bool(applied.all()):
+            return new
+        if not bool(applied.any()):
+            return old
     mask = applied.view((-1,) + (1,) * (old.ndim - 1))
     return torch.where(mask, new, old)

@@ -2,13 +2,13 @@
 
 Consecutive spatial transforms with the same keys draw their parameters one after the
 other (each from its own generator), their maps are composed on one coarse grid (the
-affine folded into the elastic control grid), the grid is upsampled once and the batch is
-sampled once: linear for images, nearest for labels.
+affine folded into the elastic control grid) and the batch is resampled once on that map:
+linear for images, nearest for labels (see :mod:`synthlesion.augment.sampling`).
 
 ``backend="compiled"`` additionally compiles (``torch.compile``) every run of consecutive
 pointwise intensity transforms (noise, bias field, gamma, ...) into a few fused loops over
 the voxels instead of one pass per operation; random fields are still drawn eagerly and
-the warp stays ``grid_sample``. The first call per shape pays the compilation.
+the warp is the same. The first call per shape pays the compilation.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _fusable_spatial(a: Transform, b: Transform) -> bool:
         and a.keys == b.keys
         and a.label_keys == b.label_keys
         and a.padding_mode == b.padding_mode
+        and a.sampler == b.sampler
         and a.spacing == b.spacing  # type: ignore[attr-defined]
         and a.spatial_dims == b.spatial_dims
     )
@@ -120,7 +121,7 @@ class Compose:
                 view = first.view(data, validate=first.validate and not keys <= checked)
                 params = [(t, t.sample(view.info)) for t in group]
                 steps: list[Step] = [(type(t), p.values, p.applied) for t, p in params]
-                warp_view(view, steps, first.padding_mode)  # type: ignore[attr-defined]
+                warp_view(view, steps, first.padding_mode, first.sampler)  # type: ignore[attr-defined]
                 for t, p in params:
                     view.record(t.name, p)
                 data = view.finish()
@@ -135,7 +136,7 @@ class Compose:
                     transform=first.name, spatial_dims=first.spatial_dims,
                     allow_missing_keys=first.allow_missing_keys,
                     validate=first.validate and not keys <= checked,
-                    default_spacing=first.spacing,
+                    default_spacing=first.spacing, values_checked=first._values_checked,
                 )  # fmt: skip
                 for t, p in self._run_chain(view, group, index):  # type: ignore[arg-type]
                     view.record(t.name, p)

@@ -8,9 +8,10 @@ Coordinates used here:
   axis first (x, y, z order).
 
 A composite map is only evaluated on a coarse grid (the elastic control grid, or 2 points
-per axis for affines and flips, which trilinear interpolation reproduces exactly) and then
-upsampled once, separably, as matrix products. Images are sampled linearly, labels with
-nearest neighbour on the same grid, so label values are copied, never blended.
+per axis for affines and flips, which trilinear interpolation reproduces exactly). The fused
+kernels (:mod:`synthlesion.augment.sampling`) interpolate it per voxel; the ``grid_sample``
+path here upsamples it once, separably, as matrix products. Images are sampled linearly,
+labels with nearest neighbour on the same grid, so label values are copied, never blended.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from synthlesion.augment.base import constant
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
@@ -57,7 +60,7 @@ def physical_to_voxel(
     points: torch.Tensor, shape: Sequence[int], spacing: torch.Tensor
 ) -> torch.Tensor:
     """Centred mm ``(B, ..., d)`` to voxel indices ``(B, ..., d)``."""
-    centre = torch.tensor([(n - 1) / 2 for n in shape], dtype=points.dtype, device=points.device)
+    centre = constant([(n - 1) / 2 for n in shape], points.dtype, points.device)
     view = (spacing.shape[0],) + (1,) * (points.ndim - 2) + (len(shape),)
     return points / spacing.view(view).to(points.dtype) + centre
 
@@ -118,10 +121,9 @@ def upsample(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def voxel_to_normalised(voxel: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Voxel indices ``(..., d)`` to ``grid_sample`` coordinates (last axis first)."""
-    scale = torch.tensor(
-        [2.0 / (n - 1) if n > 1 else 0.0 for n in shape], dtype=voxel.dtype, device=voxel.device
-    )
-    return (voxel * scale - (scale > 0).to(voxel.dtype)).flip(-1)
+    scale = constant([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], voxel.dtype, voxel.device)
+    shift = constant([1.0 if n > 1 else 0.0 for n in shape], voxel.dtype, voxel.device)
+    return (voxel * scale - shift).flip(-1)
 
 
 def dense_grid(

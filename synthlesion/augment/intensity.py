@@ -8,6 +8,7 @@ its keys (as a MONAI dict transform does); noise fields differ between keys.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from synthlesion.augment import _triton_noise
 from synthlesion.augment.base import (
     AugmentationError,
     BatchInfo,
@@ -24,6 +26,7 @@ from synthlesion.augment.base import (
     Transform,
     as_axis_ranges,
     as_range,
+    constant,
     uniform,
     where_applied,
 )
@@ -70,7 +73,7 @@ class IntensityTransform(Transform):
         raise NotImplementedError
 
     def apply_view(self, view: BatchView, params: Params) -> None:
-        if not bool(params.applied.any()):
+        if params.applied.device.type == "cpu" and not bool(params.applied.any()):
             return
         for index, key in enumerate(self.keys):
             if key not in view.images:
@@ -90,9 +93,14 @@ class IntensityTransform(Transform):
         """Standard normal field shaped like ``x``; sample ``b`` from ``seeds[b]``.
 
         A seeded CPU generator fills on one thread, so on the CPU the samples are filled
-        by a small thread pool (torch releases the GIL), each with its own generator.
+        by a small thread pool (torch releases the GIL), each with its own generator. On
+        CUDA with Triton one kernel fills every sample from its seed (Philox), without
+        copying the seeds to the host.
         """
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        if x.device.type != "cpu" and _triton_noise.supports(x):
+            streamed = (seeds + 1_000_003 * stream) % (2**63 - 1)  # no wait for the device
+            return _triton_noise.seeded_normal(tuple(x.shape), streamed, x.device).to(x.dtype)
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         seeds_list = [(int(s) + 1_000_003 * stream) % (2**63 - 1) for s in seeds.tolist()]
 
@@ -232,14 +240,13 @@ def polynomial_field(
         for e in exps:
             i = i * (order + 1) + e
         index.append(i)
-    flat[:, index] = coefficients.to(work)
+    if torch.compiler.is_compiling():  # constants are baked into the compiled graph
+        flat[:, torch.tensor(index, device=device)] = coefficients.to(work)
+        powers = [_powers.__wrapped__(n, order, work, device) for n in shape]
+    else:  # eager: cached on the device (no copy, no wait per call)
+        flat[:, constant(index, torch.int64, device)] = coefficients.to(work)
+        powers = [_powers(n, order, work, device) for n in shape]
     t = flat.view((batch,) + (order + 1,) * nd)
-    powers = [
-        torch.stack(
-            [torch.linspace(-1, 1, n, dtype=work, device=device) ** k for k in range(order + 1)], 1
-        )
-        for n in shape
-    ]
     for a in range(nd - 1, 0, -1):
         t = torch.movedim(torch.tensordot(t, powers[a], dims=([1 + a], [1])), -1, 1 + a)
     if torch.compiler.is_compiling():  # a pointwise sum the compiler fuses into one loop
@@ -251,6 +258,13 @@ def polynomial_field(
         return out.to(dtype)
     out = torch.matmul(powers[0], t.reshape(batch, order + 1, -1))
     return out.view(batch, 1, *shape).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _powers(n: int, order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, order + 1)``: ``u**k`` on ``n`` points spanning [-1, 1] (cached: read only)."""
+    u = torch.linspace(-1, 1, n, dtype=torch.float64)
+    return torch.stack([u**k for k in range(order + 1)], 1).to(device=device, dtype=dtype)
 
 
 class RandBiasField(IntensityTransform):

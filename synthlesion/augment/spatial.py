@@ -3,12 +3,13 @@
 Every spatial transform defines a map from output to input positions in centred physical
 coordinates (mm), so rotations and displacements are isotropic in the patient even for
 anisotropic voxels. Consecutive spatial transforms (see :class:`~synthlesion.augment.Compose`)
-compose their maps on one coarse grid, upsample it once and call ``grid_sample`` once for
-the images (linear) and once for the labels (nearest: values and dtype preserved).
+compose their maps on one coarse grid and resample once: the images linearly, the labels
+with nearest neighbour (values and dtype preserved); see :mod:`synthlesion.augment.sampling`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,9 +28,11 @@ from synthlesion.augment.base import (
     as_axis_ranges,
     as_keys,
     check_bound,
+    constant,
     uniform,
 )
 from synthlesion.augment.grid import PADDING_MODES, coord_dtype
+from synthlesion.augment.sampling import SAMPLERS
 from synthlesion.augment.warp import Step, warp_tensors, warp_view
 
 MAX_ROTATION_DEG = 30.0
@@ -54,6 +57,9 @@ class SpatialTransform(Transform):
         padding_mode: Image values outside the field of view: ``"border"`` (repeat the edge,
             right for CT air and MRI background), ``"zeros"`` or ``"reflection"``. Labels
             always pad with 0 (background).
+        sampler: ``"auto"`` (a fused kernel where available: numba on the CPU, Triton on
+            CUDA), ``"native"`` (require it) or ``"torch"`` (dense grid + ``grid_sample``);
+            see :mod:`synthlesion.augment.sampling`.
     """
 
     is_spatial = True
@@ -66,6 +72,7 @@ class SpatialTransform(Transform):
         *,
         padding_mode: str = "border",
         allow_extreme: bool = False,
+        sampler: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, label_keys, **kwargs)
@@ -73,7 +80,10 @@ class SpatialTransform(Transform):
             raise AugmentationError(
                 f"padding_mode={padding_mode!r} not in {PADDING_MODES}", transform=self.name
             )
+        if sampler not in SAMPLERS:
+            raise AugmentationError(f"sampler={sampler!r} not in {SAMPLERS}", transform=self.name)
         self.padding_mode = padding_mode
+        self.sampler = sampler
         self.allow_extreme = allow_extreme
 
     # the map protocol: static, so records can be inverted without the transform object
@@ -103,7 +113,9 @@ class SpatialTransform(Transform):
         return params
 
     def apply_view(self, view: BatchView, params: Params) -> None:
-        warp_view(view, [(type(self), params.values, params.applied)], self.padding_mode)
+        warp_view(
+            view, [(type(self), params.values, params.applied)], self.padding_mode, self.sampler
+        )
 
 
 class RandAffine(SpatialTransform):
@@ -182,28 +194,39 @@ class RandAffine(SpatialTransform):
 
     @staticmethod
     def matrix(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, d, d)`` linear part ``R Sh S`` of the forward (content) map."""
+        """``(B, d, d)`` linear part ``R Sh S`` of the forward (content) map.
+
+        Built with a few batched scatters into identity matrices (the entry positions are
+        cached constants), so a batch costs the same handful of operations at any size.
+        """
         scale = values["scale"]
         batch, nd = scale.shape
-        eye = torch.eye(nd, dtype=scale.dtype, device=scale.device).expand(batch, nd, nd)
-        out = eye.clone()
-        angles = torch.deg2rad(values["rotation"].to(scale.dtype))
-        for k, (i, j) in enumerate(_planes(nd)):
-            rot = eye.clone()
-            c, s = torch.cos(angles[:, k]), torch.sin(angles[:, k])
-            rot[:, i, i], rot[:, i, j], rot[:, j, i], rot[:, j, j] = c, -s, s, c
-            out = out @ rot
-        shear = eye.clone()
-        for k, (i, j) in enumerate(_pairs(nd)):
-            shear[:, i, j] = values["shear"][:, k].to(scale.dtype)
-        return out @ shear @ torch.diag_embed(scale)
+        dtype, device = scale.dtype, scale.device
+        planes, pairs = _planes(nd), _pairs(nd)
+        eye = constant([float(r == q) for r in range(nd) for q in range(nd)], dtype, device)
+        angles = torch.deg2rad(values["rotation"].to(dtype))  # (B, P)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        where = constant([[i * nd + i, i * nd + j, j * nd + i, j * nd + j] for i, j in planes],
+                         torch.int64, device)  # fmt: skip
+        rot = eye.expand(batch, len(planes), nd * nd).clone()
+        rot.scatter_(2, where.expand(batch, -1, -1), torch.stack([cos, -sin, sin, cos], -1))
+        rot = rot.view(batch, len(planes), nd, nd)
+        out = rot[:, 0]
+        for k in range(1, len(planes)):
+            out = out @ rot[:, k]
+        upper = constant([i * nd + j for i, j in pairs], torch.int64, device)
+        sheared = eye.expand(batch, nd * nd).clone()
+        sheared.scatter_(1, upper.expand(batch, -1), values["shear"].to(dtype))
+        return out @ sheared.view(batch, nd, nd) * scale[:, None, :]
 
     @staticmethod
     def map_points(values, points, info):
         a = RandAffine.matrix({k: v.to(points.dtype) for k, v in values.items()})
         t = values["translation"].to(points.dtype)
         shape = (t.shape[0],) + (1,) * (points.ndim - 2) + (t.shape[1],)
-        return torch.einsum("bij,b...j->b...i", torch.linalg.inv(a), points - t.view(shape))
+        inverse = torch.linalg.inv_ex(a).inverse  # no singularity check: it would wait for
+        # the device, and the bounded scale and shear keep the matrix invertible
+        return torch.einsum("bij,b...j->b...i", inverse, points - t.view(shape))
 
     @staticmethod
     def inverse_map_points(values, points, info):
@@ -213,12 +236,14 @@ class RandAffine(SpatialTransform):
         return torch.einsum("bij,b...j->b...i", a, points) + t.view(shape)
 
 
+@functools.lru_cache(maxsize=256)
 def _smoothing_matrix(
     n: int, sigma: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    idx = torch.arange(n, dtype=dtype, device=device)
+    """``(n, n)`` row-normalised Gaussian smoothing weights (a cached constant: read only)."""
+    idx = torch.arange(n, dtype=torch.float64)
     w = torch.exp(-0.5 * ((idx[:, None] - idx[None]) / sigma) ** 2)
-    return w / w.sum(1, keepdim=True)
+    return (w / w.sum(1, keepdim=True)).to(device=device, dtype=dtype)
 
 
 class RandElastic(SpatialTransform):
@@ -278,13 +303,12 @@ class RandElastic(SpatialTransform):
         nd, batch, device = info.spatial_dims, info.batch_size, info.device
         ctrl = self._control(nd)
         amp_ranges = as_axis_ranges(self.max_displacement, "max_displacement", nd, self.name)
-        node_mm = (
+        node_mm = (  # node spacing in mm, on the CPU (the bound check needs no device wait)
             torch.tensor(
                 [(n - 1) / (c - 1) for n, c in zip(info.spatial_shape, ctrl, strict=True)],
                 dtype=torch.float64,
-                device=device,
             )
-            * info.spacing
+            * info.host_spacing()
         )
         for a, (_, high) in enumerate(amp_ranges):
             limit = 0.5 * float(node_mm[:, a].min())
@@ -333,9 +357,7 @@ class RandElastic(SpatialTransform):
         """Displacement (mm) at centred points ``(B, *grid, d)`` (linear, border-clamped)."""
         field = values["displacement"].to(points.dtype)
         nd = field.shape[1]
-        half = torch.tensor(
-            [(n - 1) / 2 for n in info.spatial_shape], dtype=points.dtype, device=points.device
-        )
+        half = constant([(n - 1) / 2 for n in info.spatial_shape], points.dtype, points.device)
         half = half * info.spacing.to(points.dtype)  # (B, d)
         norm = points / half.clamp_min(1e-12).view((-1,) + (1,) * (points.ndim - 2) + (nd,))
         grid = norm.flip(-1).reshape(points.shape[0], *([1] * (nd - 1)), -1, nd)

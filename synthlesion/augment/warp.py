@@ -20,6 +20,7 @@ from synthlesion.augment.grid import (
     sample_images,
     sample_labels,
 )
+from synthlesion.augment.sampling import SAMPLERS, prefers_native, warp_sample
 
 Step = tuple[type, dict[str, torch.Tensor], torch.Tensor]
 """A spatial step: (transform class, parameter values, applied mask)."""
@@ -74,6 +75,7 @@ def warp_tensors(
     *,
     inverse: bool = False,
     image_mode: str = "bilinear",
+    sampler: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Apply (or undo) a sequence of spatial steps with one sampling grid.
 
@@ -85,16 +87,21 @@ def warp_tensors(
         padding_mode: Image padding.
         inverse: Undo the steps instead (input space from output space).
         image_mode: ``"bilinear"`` or ``"nearest"`` for the images.
+        sampler: ``"auto"``, ``"native"`` or ``"torch"`` (see
+            :mod:`synthlesion.augment.sampling`).
 
     Returns:
         New image and label dicts; samples no step applied to are returned unchanged.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} not in {SAMPLERS}")
     if not steps:
         return dict(images), dict(labels)
     applied = steps[0][2].clone()
     for _, _, a in steps[1:]:
         applied = applied | a
-    if not bool(applied.any()):
+    on_cpu = applied.device.type == "cpu"  # elsewhere, skip checks that wait for the device
+    if on_cpu and not bool(applied.any()):
         return dict(images), dict(labels)
     if all(getattr(cls, "is_flip", False) for cls, _, _ in steps):
         flips = torch.zeros_like(steps[0][1]["flip"])
@@ -102,29 +109,38 @@ def warp_tensors(
             flips = flips ^ values["flip"]
         return _exact_flips(images, flips), _exact_flips(labels, flips)
     voxel = composite_voxel_grid(steps, info, inverse=inverse)
-    image_groups: dict[torch.dtype, list[str]] = {}
-    for key, x in images.items():
-        image_groups.setdefault(x.dtype, []).append(key)
-    label_groups: dict[torch.dtype, list[str]] = {}
-    for key, x in labels.items():
-        label_groups.setdefault(x.dtype, []).append(key)
-    dtype = next(iter(image_groups), torch.float32)
-    grid_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    grid = dense_grid(voxel, info.spatial_shape, grid_dtype)
+    grids: dict[torch.dtype, torch.Tensor] = {}  # dense grids of the torch sampler, by dtype
+
+    def resample(stack: torch.Tensor, mode: str, is_label: bool) -> torch.Tensor:
+        if sampler == "native" or (sampler == "auto" and prefers_native(stack, mode)):
+            padding = "zeros" if is_label else padding_mode
+            return warp_sample(stack, voxel, mode=mode, padding_mode=padding, sampler=sampler)
+        dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
+        if dtype not in grids:
+            grids[dtype] = dense_grid(voxel, info.spatial_shape, dtype)
+        if is_label:
+            return sample_labels(stack, grids[dtype], voxel)
+        return sample_images(stack, grids[dtype], padding_mode, image_mode)
+
+    image_mode_name = "linear" if image_mode == "bilinear" else "nearest"
     out_images: dict[str, torch.Tensor] = {}
     out_labels: dict[str, torch.Tensor] = {}
-    for group, source, out in ((image_groups, images, out_images),
-                               (label_groups, labels, out_labels)):  # fmt: skip
-        for keys in group.values():
+    for source, out, is_label in ((images, out_images, False), (labels, out_labels, True)):
+        groups: dict[torch.dtype, list[str]] = {}
+        for key, x in source.items():
+            groups.setdefault(x.dtype, []).append(key)
+        for keys in groups.values():
             stack = torch.cat([source[k] for k in keys], 1) if len(keys) > 1 else source[keys[0]]
-            if source is images:
-                result = sample_images(stack, grid, padding_mode, image_mode)
-            else:
-                result = sample_labels(stack, grid, voxel)
+            result = resample(stack, "nearest" if is_label else image_mode_name, is_label)
             sizes = [source[k].shape[1] for k in keys]
             for key, part in zip(keys, torch.split(result, sizes, 1), strict=True):
                 out[key] = part
-    if not bool(applied.all()):
+    if not on_cpu:
+        for src, dst in ((images, out_images), (labels, out_labels)):
+            for key in dst:
+                mask = applied.view((-1,) + (1,) * (dst[key].ndim - 1))
+                dst[key] = torch.where(mask, dst[key], src[key])
+    elif not bool(applied.all()):
         keep = ~applied
         for src, dst in ((images, out_images), (labels, out_labels)):
             for key in dst:
@@ -132,8 +148,12 @@ def warp_tensors(
     return out_images, out_labels
 
 
-def warp_view(view: BatchView, steps: Sequence[Step], padding_mode: str) -> None:
+def warp_view(
+    view: BatchView, steps: Sequence[Step], padding_mode: str, sampler: str = "auto"
+) -> None:
     """Warp every image and label of ``view`` in place with the fused grid of ``steps``."""
-    images, labels = warp_tensors(view.images, view.labels, steps, view.info, padding_mode)
+    images, labels = warp_tensors(
+        view.images, view.labels, steps, view.info, padding_mode, sampler=sampler
+    )
     for key, value in {**images, **labels}.items():
         view.set(key, value)
