@@ -215,6 +215,40 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Classical augmentation of the training crops (``synthlesion.augment``), off by default.
+
+    Runs on the device on every micro-batch, after the intensity normalisation (never before
+    it). Spatial transforms move the image and its region and lesion masks with one warp
+    (masks nearest-neighbour, so they stay 0/1); intensity transforms change the image only.
+    Each transform applies with probability ``p`` per crop. Parameters are reseeded from the
+    run seed, the process and the data position, so a resumed run augments exactly as an
+    uninterrupted one.
+
+    Attributes:
+        enabled: Augment the training crops (validation crops never are).
+        p: Probability of each transform, per crop.
+        rotate_deg: Largest rotation, degrees (0: none; bound 30).
+        scale: Zoom range (equal values: none).
+        elastic_mm: Largest elastic displacement, mm (0: none).
+        flip_axes: Spatial axes flipped at random (mind anatomy that is not symmetric).
+        noise_std: Largest Gaussian noise standard deviation, normalised intensity units.
+        gamma_log: Range of log(gamma) is ``[-gamma_log, gamma_log]`` (0: none).
+        bias: Largest bias-field coefficient (0: none).
+    """
+
+    enabled: bool = False
+    p: float = 0.5
+    rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    elastic_mm: float = 0.0
+    flip_axes: tuple[int, ...] = ()
+    noise_std: float = 0.0
+    gamma_log: float = 0.0
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Resumable checkpoints.
 
@@ -249,7 +283,7 @@ class TrainConfig:
         log_every_n_steps: Interval of the training metrics rows.
         report_to: ``"auto"`` (TensorBoard when installed), ``"tensorboard"`` or ``"none"``;
             ``metrics.jsonl`` is always written.
-        optim, ema, loss, validation, checkpoint: See their classes.
+        optim, ema, loss, augment, validation, checkpoint: See their classes.
     """
 
     output_dir: Path
@@ -268,6 +302,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -309,6 +344,25 @@ class TrainConfig:
             problems.append("checkpoint.total_limit must be >= 1 or null")
         if self.loss.lesion_weight <= 0:
             problems.append(f"loss.lesion_weight must be > 0, got {self.loss.lesion_weight}")
+        a = self.augment
+        if not 0.0 <= a.p <= 1.0:
+            problems.append(f"augment.p must lie in [0, 1], got {a.p}")
+        if any(axis < 0 or axis >= dims for axis in a.flip_axes):
+            problems.append(f"augment.flip_axes must be spatial axes < {dims}, got {a.flip_axes}")
+        for name, value in (("rotate_deg", a.rotate_deg), ("elastic_mm", a.elastic_mm),
+                            ("noise_std", a.noise_std), ("gamma_log", a.gamma_log),
+                            ("bias", a.bias)):  # fmt: skip
+            if value < 0:
+                problems.append(f"augment.{name} must be >= 0, got {value}")
+        if not 0 < a.scale[0] <= a.scale[1]:
+            problems.append(
+                f"augment.scale must be (low, high) with 0 < low <= high, got {a.scale}"
+            )
+        if a.enabled and "mean_intensity" in d.attributes and a.noise_std + a.gamma_log + a.bias:
+            problems.append(
+                "augment: intensity transforms would change the crop after its mean_intensity "
+                "attribute was measured; drop the attribute or the intensity transforms"
+            )
         if not 0 < self.ema.decay < 1:
             problems.append(f"ema.decay must lie in (0, 1), got {self.ema.decay}")
         if problems:

@@ -34,6 +34,7 @@ from synthlesion.errors import ConfigError
 from synthlesion.models import LesionDiffusionModel, ModelConfig
 from synthlesion.storage import atomic_write_json
 from synthlesion.training import checkpoint as ckpt
+from synthlesion.training.augment import CropAugmenter
 from synthlesion.training.config import TrainConfig
 from synthlesion.training.data import (
     CropBatchSampler,
@@ -242,6 +243,12 @@ def train(
         model.enable_gradient_checkpointing()
     spec = crop_spec(config.data, data, model_config.num_class_embeds)
     maker = CropMaker(data.train, spec)
+    augmenter = None
+    if config.augment.enabled:
+        augmenter = CropAugmenter(
+            config.augment, model_config.spatial_dims, config.data.spacing, config.seed, rank
+        )
+        augmenter.check(spec.roi_size)
     dataset = CropDataset(maker, config.seed, config.data.samples_per_epoch)
 
     params = model.trainable_parameters()
@@ -410,6 +417,8 @@ def train(
             finite = True
             for micro in range(accum):
                 batch = _to_device(next(batches), device)
+                if augmenter is not None:
+                    batch = augmenter(batch, position.epoch, position.batch)
                 position.advance(sampler.batches_per_epoch)
                 sync = (
                     contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
