@@ -19,7 +19,7 @@ that load from other processes hits every library alike. Prints volumes per seco
 ratios, and ends with one line of JSON holding every figure.
 
 Usage: python scripts/bench_augment.py [--quick] [--device cpu|cuda] [--batch B] [--seconds S]
-       [--samplers auto,torch] [--backends eager,compiled] [--sizes 128x3,512x2]
+       [--samplers auto,torch] [--backends eager,compiled] [--sizes 128x3,512x2] [--profile]
 """
 
 from __future__ import annotations
@@ -290,7 +290,42 @@ def bench_size(size: int, nd: int, args: argparse.Namespace) -> dict[str, Any]:
                 result[f"{r.name}_vs_{other}"] = round(r.rate / theirs, 2)
         if best[0] and theirs:
             result[f"best_vs_{other}"] = round(best[0] / theirs, 2)
+    if args.profile and best[0]:
+        result["profile"] = profile_steps(next(r for r in runners if r.name == best[1]), device)
     return result
+
+
+def profile_steps(runner: Runner, device: str, steps: int = 5) -> dict[str, Any]:
+    """torch.profiler over a few steps of ``runner``: the top operators and, on CUDA, the
+    kernel launches, host-device waits and device time per batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.step()
+        _sync(device)
+    table = prof.key_averages()
+    print(f"\nprofile of {runner.name} ({steps} batches):")
+    try:
+        print(table.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                          row_limit=15))  # fmt: skip
+    except (AttributeError, KeyError, ValueError):  # older/newer profiler key names
+        print(table.table(sort_by="cpu_time_total", row_limit=15))
+    counts = {e.key: e.count for e in table}
+    out: dict[str, Any] = {"batches": steps}
+    if cuda:
+        out["launches_per_batch"] = (
+            sum(n for k, n in counts.items() if k.startswith("cudaLaunchKernel")) / steps
+        )
+        out["syncs_per_batch"] = counts.get("cudaStreamSynchronize", 0) / steps
+        device_us = sum(
+            getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            for e in table
+        )
+        out["device_ms_per_batch"] = round(device_us / 1000 / steps, 3)
+    return out
 
 
 def _fmt(rate: float | None) -> str:
@@ -326,6 +361,13 @@ def main() -> int:
         default="auto",
         help="comma list of warp samplers: "
         "auto (fused kernel where available), torch (grid_sample), native",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the fastest "
+        "synthlesion pipeline per size (top operators; on CUDA launches, "
+        "host-device waits and device time per batch)",
     )
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-torchio", action="store_true")
