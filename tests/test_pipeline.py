@@ -165,3 +165,41 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypat
     monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", always)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         pipe2d(image, target, num_inference_steps=2, batch_size=4)
+
+
+def test_scan_far_from_the_training_spacing_is_refused_naming_both() -> None:
+    pipe = LesionSynthesisPipeline(
+        tiny_model(3), IntensityNormaliser.for_modality("CT"), (16, 16, 16),
+        train_spacing=(0.8, 0.8, 2.0),
+    )  # fmt: skip
+    shape = (24, 24, 12)
+    target = lesion_at(shape, (12, 12, 6), 2)
+    close = Volume(ct_scan(shape), np.diag([0.85, 0.8, 2.2, 1.0]))  # within 25 %
+    pipe.check_inputs(close, target, None)
+    far = Volume(ct_scan(shape), np.diag([0.8, 0.8, 5.0, 1.0]), source="scan.nii.gz")
+    with pytest.raises(SynthesisError, match=r"scan.nii.gz.*\[0.8, 0.8, 5.0\].*\[0.8, 0.8, 2.0\]"):
+        pipe.check_inputs(far, target, None)
+    # axes compared in RAS order: the same voxels stored with the slice axis first
+    permuted = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    pipe.check_inputs(
+        Volume(ct_scan((12, 24, 24)), permuted), lesion_at((12, 24, 24), (6, 12, 12), 2), None
+    )
+    relaxed = LesionSynthesisPipeline(
+        pipe.model, pipe.normaliser, (16, 16, 16), train_spacing=(0.8, 0.8, 2.0),
+        spacing_tolerance=2.0,
+    )  # fmt: skip
+    relaxed.check_inputs(far, target, None)
+
+
+def test_training_spacing_comes_from_the_record_only_when_training_resampled(tmp_path) -> None:
+    import json
+
+    folder = tmp_path / "model"
+    tiny_model(3).save_pretrained(folder)
+    intensity = {"mode": "window", "window": [-200.0, 300.0], "percentiles": [0.5, 99.5]}
+    for resampled, expected in ((True, (0.8, 0.8, 2.0)), (False, None)):
+        data = {"intensity": intensity, "roi_size": [16, 16, 16], "spacing": [0.8, 0.8, 2.0],
+                "spacing_resampled": resampled}  # fmt: skip
+        (folder / "training_record.json").write_text(json.dumps({"data": data}))
+        pipe = LesionSynthesisPipeline.from_pretrained(str(folder), spacing_tolerance=0.1)
+        assert pipe.train_spacing == expected and pipe.spacing_tolerance == 0.1

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
@@ -138,6 +139,11 @@ class LesionSynthesisPipeline:
         roi_size: Crop size in voxels (the training crop size).
         device: Where to run the network.
         dtype: ``torch.float16``/``torch.bfloat16`` for autocast on a GPU, or ``None``.
+        train_spacing: Voxel size (mm, RAS axis order) the model was trained at, when training
+            resampled to one; a scan whose voxels differ by more than ``spacing_tolerance``
+            (relative, per axis) is refused, as the model would paint lesions at the wrong
+            physical scale. ``None``: not checked.
+        spacing_tolerance: Allowed relative difference (0.25: 25 %).
     """
 
     def __init__(
@@ -150,8 +156,12 @@ class LesionSynthesisPipeline:
         dtype: torch.dtype | None = None,
         reference: RealLesionReference | None = None,
         gate: QualityGate | None = None,
+        train_spacing: Sequence[float] | None = None,
+        spacing_tolerance: float = 0.25,
     ) -> None:
         self.model = model.eval()
+        self.train_spacing = tuple(float(s) for s in train_spacing) if train_spacing else None
+        self.spacing_tolerance = float(spacing_tolerance)
         self.normaliser = normaliser
         self.roi_size = tuple(int(s) for s in roi_size)
         self.device = torch.device(device)
@@ -164,7 +174,8 @@ class LesionSynthesisPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs: Any) -> LesionSynthesisPipeline:
-        """Load a model folder; normalisation and ROI size come from its training record."""
+        """Load a model folder; normalisation, ROI size and (when training resampled to one)
+        the training spacing come from its training record."""
         from synthlesion.models import LesionDiffusionModel
 
         model = LesionDiffusionModel.from_pretrained(model_dir)
@@ -181,6 +192,8 @@ class LesionSynthesisPipeline:
             window=tuple(intensity["window"]),
             percentiles=tuple(intensity["percentiles"]),
         )
+        if data.get("spacing_resampled") and data.get("spacing"):
+            kwargs.setdefault("train_spacing", data["spacing"])
         return cls(model, normaliser, data["roi_size"], **kwargs)
 
     # -- step 1 -------------------------------------------------------------------------
@@ -210,6 +223,29 @@ class LesionSynthesisPipeline:
         if organ_mask is not None and organ_mask.shape != image.shape:
             raise SynthesisError(
                 f"{image.source}: organ mask shape {organ_mask.shape} != {image.shape}"
+            )
+        self.check_spacing(image)
+
+    def check_spacing(self, image: Volume) -> None:
+        """Refuse a scan whose voxel size is far from the model's training spacing."""
+        if self.train_spacing is None or len(self.train_spacing) != image.spatial_dims:
+            return
+        spacing = np.asarray(image.spacing[: image.spatial_dims], dtype=float)
+        if image.spatial_dims == 3:  # training oriented to RAS: compare RAS axes
+            axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
+            ras = np.empty(3)
+            ras[axes] = spacing
+            spacing = ras
+        want = np.asarray(self.train_spacing)
+        off = np.abs(spacing / want - 1)
+        if np.any(off > self.spacing_tolerance):
+            raise SynthesisError(
+                f"{image.source}: voxel size {np.round(spacing, 3).tolist()} mm differs from "
+                f"the model's training spacing {np.round(want, 3).tolist()} mm by up to "
+                f"{100 * off.max():.0f} % (tolerance {100 * self.spacing_tolerance:.0f} %); the "
+                "lesions would be painted at the wrong physical scale. Resample the scan to the "
+                "training spacing first (masks nearest), or raise spacing_tolerance "
+                "(--spacing-tolerance) if that is intended"
             )
 
     # -- step 2 -------------------------------------------------------------------------
