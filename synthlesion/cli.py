@@ -343,11 +343,6 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
     p.add_argument("--healthy-only", action="store_true", help="only scans without a lesion")
     p.add_argument("--limit", type=int, default=None, help="at most this many cases")
-    p.add_argument(
-        "--spacing-tolerance", type=float, default=0.25,
-        help="largest relative voxel-size difference per axis from the model's training "
-        "spacing (default 0.25)",
-    )  # fmt: skip
     p.add_argument("--patient-pattern", default=None)
     p.set_defaults(handler=_cmd_sample)
 
@@ -371,7 +366,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         user_masks=Path(args.user_masks) if args.user_masks else None,
         healthy_only=args.healthy_only,
         limit=args.limit,
-        spacing_tolerance=args.spacing_tolerance,
     )
     bar = tqdm(total=0, unit="case", desc="sampling", disable=None)
 

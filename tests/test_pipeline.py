@@ -167,28 +167,41 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypat
         pipe2d(image, target, num_inference_steps=2, batch_size=4)
 
 
-def test_scan_far_from_the_training_spacing_is_refused_naming_both() -> None:
+def test_scale_to_training_per_array_axis_and_refusal_beyond_the_ratio() -> None:
     pipe = LesionSynthesisPipeline(
         tiny_model(3), IntensityNormaliser.for_modality("CT"), (16, 16, 16),
         train_spacing=(0.8, 0.8, 2.0),
     )  # fmt: skip
-    shape = (24, 24, 12)
-    target = lesion_at(shape, (12, 12, 6), 2)
-    close = Volume(ct_scan(shape), np.diag([0.85, 0.8, 2.2, 1.0]))  # within 25 %
-    pipe.check_inputs(close, target, None)
-    far = Volume(ct_scan(shape), np.diag([0.8, 0.8, 5.0, 1.0]), source="scan.nii.gz")
-    with pytest.raises(SynthesisError, match=r"scan.nii.gz.*\[0.8, 0.8, 5.0\].*\[0.8, 0.8, 2.0\]"):
-        pipe.check_inputs(far, target, None)
-    # axes compared in RAS order: the same voxels stored with the slice axis first
+    same = Volume(ct_scan((8, 8, 8)), np.diag([0.805, 0.8, 2.0, 1.0]))
+    assert pipe.scale_to_training(same) is None  # within 1 %: the scan as it is
+    coarse = Volume(ct_scan((8, 8, 8)), np.diag([0.8, 0.8, 5.0, 1.0]))
+    np.testing.assert_allclose(pipe.scale_to_training(coarse), [1.0, 1.0, 2.5])
+    # the record's spacing is in RAS order: a scan stored with the slice axis first
     permuted = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
-    pipe.check_inputs(
-        Volume(ct_scan((12, 24, 24)), permuted), lesion_at((12, 24, 24), (6, 12, 12), 2), None
+    assert pipe.scale_to_training(Volume(ct_scan((8, 8, 8)), permuted)) is None
+    far = Volume(ct_scan((8, 8, 8)), np.diag([0.8, 0.8, 10.0, 1.0]), source="scan.nii.gz")
+    with pytest.raises(SynthesisError, match=r"scan.nii.gz.*5.0 times"):
+        pipe.scale_to_training(far)
+
+
+def test_a_finer_scan_is_painted_at_the_training_scale_and_stays_exact_outside() -> None:
+    from scipy import ndimage
+
+    pipe = LesionSynthesisPipeline(
+        tiny_model(2), IntensityNormaliser.for_modality("CT"), (16, 16), train_spacing=(1.6, 1.6)
     )
-    relaxed = LesionSynthesisPipeline(
-        pipe.model, pipe.normaliser, (16, 16, 16), train_spacing=(0.8, 0.8, 2.0),
-        spacing_tolerance=2.0,
-    )  # fmt: skip
-    relaxed.check_inputs(far, target, None)
+    shape = (64, 60)
+    image = Volume(ct_scan(shape), np.diag([0.8, 0.8, 1.0, 1.0]))  # twice as fine as training
+    target = lesion_at(shape, (30, 28), 6)
+    out = pipe(image, target, num_inference_steps=3, seed=2, dilation_mm=2.0)
+    assert [r.size for r in out.regions] == [(31, 31)]  # 15 training voxels -> 30 scan voxels
+    assert out.image.dtype == np.int16 and out.image.shape == shape
+    near = ndimage.distance_transform_edt(target == 0, sampling=(0.8, 0.8)) <= 2.0 + 1e-6
+    assert np.array_equal(out.image[~near], image.array[~near])
+    assert not np.array_equal(out.image[target > 0], image.array[target > 0])
+    # a lesion that fits the ROI only at the training scale is still refused when too big
+    with pytest.raises(SynthesisError, match="training ROI"):
+        pipe(image, lesion_at(shape, (30, 28), 17), num_inference_steps=2)
 
 
 def test_training_spacing_comes_from_the_record_only_when_training_resampled(tmp_path) -> None:
@@ -201,5 +214,5 @@ def test_training_spacing_comes_from_the_record_only_when_training_resampled(tmp
         data = {"intensity": intensity, "roi_size": [16, 16, 16], "spacing": [0.8, 0.8, 2.0],
                 "spacing_resampled": resampled}  # fmt: skip
         (folder / "training_record.json").write_text(json.dumps({"data": data}))
-        pipe = LesionSynthesisPipeline.from_pretrained(str(folder), spacing_tolerance=0.1)
-        assert pipe.train_spacing == expected and pipe.spacing_tolerance == 0.1
+        pipe = LesionSynthesisPipeline.from_pretrained(str(folder), max_spacing_ratio=3.0)
+        assert pipe.train_spacing == expected and pipe.max_spacing_ratio == 3.0

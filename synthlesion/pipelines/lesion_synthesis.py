@@ -83,7 +83,8 @@ class Region:
         index: Position of the lesion in the run (used to seed its noise).
         start: Corner of the crop in source voxels (may be negative at the scan's edge; the
             crop is padded there).
-        size: Crop size in voxels (the model's ROI size).
+        size: Crop size in scan voxels: the model's ROI size, or the same physical extent at
+            the scan's spacing when the ROI is resampled to the training spacing.
         lesion_class: 1-based lesion class of the target.
     """
 
@@ -140,10 +141,14 @@ class LesionSynthesisPipeline:
         device: Where to run the network.
         dtype: ``torch.float16``/``torch.bfloat16`` for autocast on a GPU, or ``None``.
         train_spacing: Voxel size (mm, RAS axis order) the model was trained at, when training
-            resampled to one; a scan whose voxels differ by more than ``spacing_tolerance``
-            (relative, per axis) is refused, as the model would paint lesions at the wrong
-            physical scale. ``None``: not checked.
-        spacing_tolerance: Allowed relative difference (0.25: 25 %).
+            resampled to one. A scan whose voxels differ from it by more than 1 % is handled
+            at the training scale: each lesion's region of interest is resampled to the
+            training spacing for the network (image linear, masks nearest) and the result
+            resampled back before the paste, so lesions keep their physical size and texture
+            and the scan outside the blend regions stays bit-identical. ``None``: no
+            resampling.
+        max_spacing_ratio: Largest ratio between scan and training voxel size on any axis
+            (either way); beyond it the scan is refused (resampling cannot invent detail).
     """
 
     def __init__(
@@ -157,11 +162,11 @@ class LesionSynthesisPipeline:
         reference: RealLesionReference | None = None,
         gate: QualityGate | None = None,
         train_spacing: Sequence[float] | None = None,
-        spacing_tolerance: float = 0.25,
+        max_spacing_ratio: float = 4.0,
     ) -> None:
         self.model = model.eval()
         self.train_spacing = tuple(float(s) for s in train_spacing) if train_spacing else None
-        self.spacing_tolerance = float(spacing_tolerance)
+        self.max_spacing_ratio = float(max_spacing_ratio)
         self.normaliser = normaliser
         self.roi_size = tuple(int(s) for s in roi_size)
         self.device = torch.device(device)
@@ -224,29 +229,34 @@ class LesionSynthesisPipeline:
             raise SynthesisError(
                 f"{image.source}: organ mask shape {organ_mask.shape} != {image.shape}"
             )
-        self.check_spacing(image)
 
-    def check_spacing(self, image: Volume) -> None:
-        """Refuse a scan whose voxel size is far from the model's training spacing."""
-        if self.train_spacing is None or len(self.train_spacing) != image.spatial_dims:
-            return
-        spacing = np.asarray(image.spacing[: image.spatial_dims], dtype=float)
-        if image.spatial_dims == 3:  # training oriented to RAS: compare RAS axes
+    def scale_to_training(self, image: Volume) -> np.ndarray | None:
+        """Scan voxel size over training voxel size, per array axis; ``None`` when within 1 %
+        (or no training spacing is known): the scan is used as it is.
+
+        Raises:
+            SynthesisError: a ratio beyond ``max_spacing_ratio``.
+        """
+        nd = image.spatial_dims
+        if self.train_spacing is None or len(self.train_spacing) != nd:
+            return None
+        spacing = np.asarray(image.spacing[:nd], dtype=float)
+        train = np.asarray(self.train_spacing, dtype=float)
+        if nd == 3:  # the record holds RAS axes (training oriented to RAS)
             axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
-            ras = np.empty(3)
-            ras[axes] = spacing
-            spacing = ras
-        want = np.asarray(self.train_spacing)
-        off = np.abs(spacing / want - 1)
-        if np.any(off > self.spacing_tolerance):
+            train = train[axes]
+        factor = spacing / train
+        if np.all(np.abs(factor - 1) <= 0.01):
+            return None
+        worst = float(np.max(np.maximum(factor, 1 / factor)))
+        if worst > self.max_spacing_ratio:
             raise SynthesisError(
-                f"{image.source}: voxel size {np.round(spacing, 3).tolist()} mm differs from "
-                f"the model's training spacing {np.round(want, 3).tolist()} mm by up to "
-                f"{100 * off.max():.0f} % (tolerance {100 * self.spacing_tolerance:.0f} %); the "
-                "lesions would be painted at the wrong physical scale. Resample the scan to the "
-                "training spacing first (masks nearest), or raise spacing_tolerance "
-                "(--spacing-tolerance) if that is intended"
+                f"{image.source}: voxel size {np.round(spacing, 3).tolist()} mm is {worst:.1f} "
+                f"times the model's training spacing {np.round(train, 3).tolist()} mm (array "
+                f"axes) on one axis (at most {self.max_spacing_ratio:g}); resample the scan "
+                "closer to the training spacing first (masks nearest)"
             )
+        return factor
 
     # -- step 2 -------------------------------------------------------------------------
     def plan_regions(
@@ -255,8 +265,12 @@ class LesionSynthesisPipeline:
         spacing: Sequence[float],
         dilation_mm: float,
         feather_mm: float,
+        factor: np.ndarray | None = None,
     ) -> list[tuple[Region, _LocalRegion]]:
         """One ROI per connected target lesion, centred on its blend region.
+
+        With a ``factor`` (scan over training voxel size), the ROI covers the training ROI's
+        physical extent: ``round((roi - 1) / factor) + 1`` scan voxels per axis.
 
         All work happens in a box around each lesion, so the cost follows the lesions, not the
         scan. A voxel of the blend region belongs to the nearest lesion.
@@ -265,6 +279,7 @@ class LesionSynthesisPipeline:
             SynthesisError: a lesion with its margin is larger than the model's ROI.
         """
         shape = lesion_mask.shape
+        roi = self._scan_roi(factor)
         components, _ = ndimage.label(lesion_mask > 0)
         margin = [int(np.ceil(dilation_mm / s)) + 1 for s in spacing]
         planned = []
@@ -291,18 +306,31 @@ class LesionSynthesisPipeline:
                 slice(e.start + r.start, e.start + r.stop) for e, r in zip(ext, rbox, strict=True)
             )
             extent = [g.stop - g.start for g in glob]
-            if any(e > r for e, r in zip(extent, self.roi_size, strict=True)):
+            if any(e > r for e, r in zip(extent, roi, strict=True)):
                 raise SynthesisError(
                     f"target lesion {index} spans {extent} voxels (with its blend margin), more "
-                    f"than the model's region of interest {list(self.roi_size)}"
+                    f"than the model's region of interest {list(roi)}"
+                    + (
+                        f" (the training ROI {list(self.roi_size)} at this scan's spacing)"
+                        if factor is not None
+                        else ""
+                    )  # fmt: skip
                 )
             centre = [(g.start + g.stop) // 2 for g in glob]
-            start = tuple(c - r // 2 for c, r in zip(centre, self.roi_size, strict=True))
+            start = tuple(c - r // 2 for c, r in zip(centre, roi, strict=True))
             values = lesion_mask[ext][mine]
             lesion_class = int(np.bincount(values.astype(np.int64)).argmax())
             local = _LocalRegion(glob, mine[rbox], region[rbox], weight[rbox])
-            planned.append((Region(index, start, self.roi_size, lesion_class), local))
+            planned.append((Region(index, start, roi, lesion_class), local))
         return planned
+
+    def _scan_roi(self, factor: np.ndarray | None) -> tuple[int, ...]:
+        """The ROI in scan voxels (the training ROI itself when no resampling is needed)."""
+        if factor is None:
+            return self.roi_size
+        return tuple(
+            max(2, round((r - 1) / f) + 1) for r, f in zip(self.roi_size, factor, strict=True)
+        )
 
     def __call__(
         self,
@@ -342,17 +370,26 @@ class LesionSynthesisPipeline:
             raise SynthesisError(f"resampling jumps need ddpm or ddim, not {scheduler}")
         source = image.array
         # 2. regions (all further work is local to each lesion's box)
-        planned = self.plan_regions(lesion_mask, image.spacing, dilation_mm, feather_mm)
+        factor = self.scale_to_training(image)
+        planned = self.plan_regions(lesion_mask, image.spacing, dilation_mm, feather_mm, factor)
         value_range = self.normaliser.range_of(source)
         # 3. crops and conditioning (each crop sees only its own lesion and region)
         crops = [
             self._crop_inputs(source, lesion_mask, r, local, value_range) for r, local in planned
         ]
+        if factor is not None:  # to the training scale: image linear, masks nearest
+            crops = [
+                (_resize(im, self.roi_size, 1), _resize(fill, self.roi_size, 0),
+                 np.stack([_resize(channel, self.roi_size, 0) for channel in lesion]))
+                for im, fill, lesion in crops
+            ]  # fmt: skip
         regions = [r for r, _ in planned]
         # 4. denoising, in batches that halve on out-of-memory errors
         generated = self._run_batches(
             crops, regions, scheduler, num_inference_steps, seed, batch_size, resample_jumps, prompt
         )
+        if factor is not None:  # back to the scan's grid before the paste
+            generated = [_resize(g, r.size, 1) for g, r in zip(generated, regions, strict=True)]
         # 5. paste back: weight 1 on the lesion, a feather band at the region's edge, 0 outside
         output = source.copy()
         low, high = float(source.min()), float(source.max())
@@ -527,3 +564,13 @@ def _renoise(sched, x, t, t_prev, generators):  # noqa: ANN001, ANN202
         x.device, x.dtype
     )
     return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+
+
+def _resize(array: np.ndarray, size: Sequence[int], order: int) -> np.ndarray:
+    """Resample a crop to ``size`` with corners on corners (order 1 linear, 0 nearest)."""
+    if tuple(array.shape) == tuple(size):
+        return array
+    axes = [np.linspace(0, n - 1, m) for n, m in zip(array.shape, size, strict=True)]
+    coords = np.meshgrid(*axes, indexing="ij")
+    out = ndimage.map_coordinates(array, coords, order=order, mode="nearest")
+    return out.astype(array.dtype, copy=False)

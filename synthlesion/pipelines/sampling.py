@@ -75,8 +75,6 @@ class SampleOptions:
         feather_mm: Feather band inside the margin (mm).
         lesion_volume_mm3: ``(low, high)`` for procedural sizes when there is no real lesion to
             learn sizes from.
-        spacing_tolerance: Largest relative difference per axis between a source scan's voxel
-            size and the model's training spacing (when training resampled to one).
     """
 
     per_case: int = 1
@@ -95,7 +93,6 @@ class SampleOptions:
     dilation_mm: float = 3.0
     feather_mm: float = 1.5
     lesion_volume_mm3: tuple[float, float] = (50.0, 2000.0)
-    spacing_tolerance: float = 0.25
 
 
 @dataclass
@@ -207,7 +204,6 @@ def run_sampling(
         str(model_dir),
         device=options.device,
         reference=reference,
-        spacing_tolerance=options.spacing_tolerance,
     )
     generator = GeneratorRef.from_folder(model_dir, record_as=str(model_dir.resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
