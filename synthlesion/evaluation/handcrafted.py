@@ -194,6 +194,7 @@ def run_handcrafted(
             manifest of another generator.
     """
     from synthlesion.dataset.manifest import ManifestWriter
+    from synthlesion.dataset.manifest_writer import make_missing_cases
     from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, GeneratorRef, hash_patient_id
 
     options = options or HandcraftedConfig()
@@ -255,21 +256,14 @@ def run_handcrafted(
     if options.limit is not None:
         plan = plan[: options.limit]
     with writer:
-        for done, (source, k) in enumerate(plan, start=1):
-            case_id = f"hc_{source.case_id}_{k:02d}"
-            if case_id in writer:
-                report.skipped_existing.append(case_id)
-            else:
-                try:
-                    _make_case(case_id, source, fit, options, writer, out_dir)
-                    report.written.append(case_id)
-                except (PlacementError, EvaluationError) as exc:
-                    logger.warning("%s: %s", case_id, exc)
-                    report.failed.append(
-                        {"case_id": case_id, "source": source.case_id, "problem": str(exc)}
-                    )
-            if progress is not None:
-                progress(done, len(plan), case_id)
+        make_missing_cases(
+            writer,
+            [(f"hc_{source.case_id}_{k:02d}", source) for source, k in plan],
+            lambda case_id, source: _make_case(case_id, source, fit, options, writer, out_dir),
+            report,
+            (PlacementError, EvaluationError),
+            progress,
+        )
     return report
 
 
@@ -280,7 +274,8 @@ def _make_case(
     options: HandcraftedConfig,
     writer: Any,
     out_dir: Path,
-) -> None:
+) -> bool:
+    """Write one hand-crafted case; True (hand-crafted lesions have no quality gates)."""
     seed = case_seed(options.seed, case_id)
     rng = np.random.default_rng(seed)
     image = load_image(source.image)
@@ -336,6 +331,7 @@ def _make_case(
         quality={"passed": True, "lesions": lesions},
         source_split="train",
     )
+    return True
 
 
 __all__ = [

@@ -145,6 +145,7 @@ def run_sampling(
             record, a foreign manifest in ``out_dir``, no source scan.
     """
     from synthlesion.dataset.manifest import ManifestWriter
+    from synthlesion.dataset.manifest_writer import make_missing_cases
     from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id
 
     options = options or SampleOptions()
@@ -231,34 +232,24 @@ def run_sampling(
         plan = plan[: options.limit]
     plan = plan[rank::world]
     with writer:
-        for done, (source, k) in enumerate(plan, start=1):
-            case_id = f"syn_{source.case_id}_{k:02d}"
-            if case_id in writer:
-                report.skipped_existing.append(case_id)
-            else:
-                try:
-                    passed = _make_case(
-                        case_id,
-                        source,
-                        k,
-                        pipeline,
-                        bank,
-                        options,
-                        writer,
-                        lesion_values,
-                        organ_values,
-                        out_dir,
-                    )
-                    report.written.append(case_id)
-                    if not passed:
-                        report.rejected_by_quality.append(case_id)
-                except (SynthesisError, PlacementError, ImageReadError, GeometryError) as exc:
-                    logger.warning("%s: %s", case_id, exc)
-                    report.failed.append(
-                        {"case_id": case_id, "source": source.case_id, "problem": str(exc)}
-                    )
-            if progress is not None:
-                progress(done, len(plan), case_id)
+        make_missing_cases(
+            writer,
+            [(f"syn_{source.case_id}_{k:02d}", source) for source, k in plan],
+            lambda case_id, source: _make_case(
+                case_id,
+                source,
+                pipeline,
+                bank,
+                options,
+                writer,
+                lesion_values,
+                organ_values,
+                out_dir,
+            ),  # fmt: skip
+            report,
+            (SynthesisError, PlacementError, ImageReadError, GeometryError),
+            progress,
+        )
     report.seconds = time.perf_counter() - started
     atomic_write_json(
         out_dir / ("sample_report.json" if world == 1 else f"sample_report.shard-{rank:03d}.json"),
@@ -308,7 +299,6 @@ def merge_manifest_shards(out_dir: str | Path) -> Path:
 def _make_case(
     case_id,
     source: Case,
-    k,
     pipeline,
     bank,
     options,
