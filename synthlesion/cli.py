@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from synthlesion import __version__
-from synthlesion.errors import SynthlesionError
+from synthlesion.errors import ConfigError, SynthlesionError
 
 logger = logging.getLogger("synthlesion")
 
@@ -343,8 +343,27 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
     p.add_argument("--healthy-only", action="store_true", help="only scans without a lesion")
     p.add_argument("--limit", type=int, default=None, help="at most this many cases")
+    p.add_argument(
+        "--attribute", action="append", default=[], metavar="NAME=VALUE",
+        help="attribute-conditioned models: a fixed value (mean_intensity in image units, "
+        "volume_fraction); repeatable",
+    )  # fmt: skip
     p.add_argument("--patient-pattern", default=None)
     p.set_defaults(handler=_cmd_sample)
+
+
+def _attribute_values(items: list[str]) -> dict[str, float] | None:
+    """``["mean_intensity=80", ...]`` as a dict (None when empty)."""
+    values: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"--attribute {item!r}: expected NAME=NUMBER")
+    return values or None
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -366,6 +385,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         user_masks=Path(args.user_masks) if args.user_masks else None,
         healthy_only=args.healthy_only,
         limit=args.limit,
+        attributes=_attribute_values(args.attribute),
     )
     bar = tqdm(total=0, unit="case", desc="sampling", disable=None)
 

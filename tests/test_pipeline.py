@@ -216,3 +216,66 @@ def test_training_spacing_comes_from_the_record_only_when_training_resampled(tmp
         (folder / "training_record.json").write_text(json.dumps({"data": data}))
         pipe = LesionSynthesisPipeline.from_pretrained(str(folder), max_spacing_ratio=3.0)
         assert pipe.train_spacing == expected and pipe.max_spacing_ratio == 3.0
+
+
+def attribute_model() -> LesionDiffusionModel:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        spatial_dims=2, sample_size=16, channels=(8, 16), attention_levels=(False, False),
+        layers_per_block=1, norm_num_groups=4, num_train_timesteps=100, num_attributes=2,
+    )  # fmt: skip
+    return LesionDiffusionModel.from_config(config)
+
+
+def test_attribute_conditioned_model_samples_with_given_and_measured_attributes() -> None:
+    names = ("volume_fraction", "mean_intensity")
+    pipe = LesionSynthesisPipeline(
+        attribute_model(), IntensityNormaliser.for_modality("CT"), (16, 16), attribute_names=names
+    )
+    shape = (40, 36)
+    image = Volume(ct_scan(shape), np.diag([0.8, 0.8, 1.0, 1.0]))
+    target = lesion_at(shape, (20, 18), 3)
+    dark = pipe(image, target, num_inference_steps=3, seed=1, attributes={"mean_intensity": 20})
+    bright = pipe(image, target, num_inference_steps=3, seed=1, attributes={"mean_intensity": 150})
+    assert not np.array_equal(dark.image, bright.image)  # the attribute reaches the network
+    assert dark.attributes[0]["mean_intensity"] < bright.attributes[0]["mean_intensity"]
+    lesion_voxels = int((target > 0).sum())
+    assert dark.attributes[0]["volume_fraction"] == pytest.approx(lesion_voxels / 16**2)
+    fixed = pipe(image, target, num_inference_steps=3, seed=1,
+                 attributes={"mean_intensity": 20, "volume_fraction": 0.5})  # fmt: skip
+    assert fixed.attributes[0]["volume_fraction"] == 0.5
+    with pytest.raises(SynthesisError, match="mean intensity"):
+        pipe(image, target, num_inference_steps=2)  # no value and no real-lesion reference
+    with pytest.raises(SynthesisError, match="not among"):
+        pipe(image, target, num_inference_steps=2, attributes={"size": 3})
+    with pytest.raises(SynthesisError, match="2 attribute"):
+        LesionSynthesisPipeline(attribute_model(), pipe.normaliser, (16, 16))
+
+
+def test_attribute_model_needs_its_attribute_names_in_the_record(tmp_path) -> None:
+    import json
+
+    folder = tmp_path / "model"
+    attribute_model().save_pretrained(folder)
+    intensity = {"mode": "window", "window": [-200.0, 300.0], "percentiles": [0.5, 99.5]}
+    data = {"intensity": intensity, "roi_size": [16, 16]}
+    (folder / "training_record.json").write_text(json.dumps({"data": data}))
+    with pytest.raises(SynthesisError, match="does not name them"):
+        LesionSynthesisPipeline.from_pretrained(str(folder))
+    data["attributes"] = ["volume_fraction", "mean_intensity"]
+    (folder / "training_record.json").write_text(json.dumps({"data": data}))
+    pipe = LesionSynthesisPipeline.from_pretrained(str(folder))
+    assert pipe.attribute_names == ("volume_fraction", "mean_intensity")
+
+
+def test_cli_attribute_values() -> None:
+    from synthlesion.cli import _attribute_values
+    from synthlesion.errors import ConfigError
+
+    assert _attribute_values([]) is None
+    assert _attribute_values(["mean_intensity=80", "volume_fraction=0.1"]) == {
+        "mean_intensity": 80.0, "volume_fraction": 0.1,
+    }  # fmt: skip
+    for bad in ("mean_intensity", "=3", "mean_intensity=high"):
+        with pytest.raises(ConfigError, match="NAME=NUMBER"):
+            _attribute_values([bad])

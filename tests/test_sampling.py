@@ -209,3 +209,41 @@ def test_shards_merge_into_the_same_cases_as_one_run(world):
     assert all(a[k].image_sha256 == b[k].image_sha256 for k in a)
     assert merge_manifest_shards(sharded) == merged  # merging again adds nothing
     assert len(list(read_manifest(merged, sharded))) == 3
+
+
+def test_attribute_conditioned_model_samples_and_records_its_attributes(world):
+    torch.manual_seed(0)
+    model = LesionDiffusionModel.from_config(
+        ModelConfig(
+            spatial_dims=2, sample_size=32, channels=(8, 16), attention_levels=(False, False),
+            layers_per_block=1, norm_num_groups=4, num_train_timesteps=50, num_attributes=2,
+        )
+    )  # fmt: skip
+    record = {
+        "patient_hash_scheme": PATIENT_HASH_SCHEME,
+        "patient_id_hashes": sorted(hash_patient_id(p) for p in world["split"].patients("train")),
+        "data": {
+            "intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
+            "roi_size": [32, 32],
+            "modality": "CT",
+            "lesion_label_values": [2],
+            "organ_label_values": [1],
+            "attributes": ["volume_fraction", "mean_intensity"],
+        },
+    }
+    folder = world["root"] / "attribute_model"
+    model.save_pretrained(folder, training_record=record)
+    out = world["root"] / "syn_attributes"
+    status = main([
+        "sample", "--model", str(folder), "--data", str(world["dataset"]),
+        "--splits", str(world["splits"]), "--out", str(out), "--steps", "2", "--limit", "2",
+        "--attribute", "mean_intensity=90",
+    ])  # fmt: skip
+    assert status == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    cases = [r for r in rows if r.get("case_id", "").startswith("syn_")]
+    assert len(cases) == 2
+    for row in cases:
+        values = row["quality"]["attributes"]
+        assert len(values) >= 1 and 0 < values[0]["volume_fraction"] < 1
+        assert -1 <= values[0]["mean_intensity"] <= 1  # 90 HU in the model's normalisation

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,12 +123,15 @@ class LesionSynthesisOutput:
         lesion_mask: Target lesions painted (label values = lesion classes), shape ``S``.
         regions: The regions of interest used.
         quality: One quality record per region (never dropped).
+        attributes: Per region, the attribute values the model was given (normalised as in
+            training), for attribute-conditioned models.
     """
 
     image: np.ndarray
     lesion_mask: np.ndarray
     regions: list[Region]
     quality: list[QualityResult] = field(default_factory=list)
+    attributes: list[dict[str, float]] | None = None
 
 
 class LesionSynthesisPipeline:
@@ -149,6 +152,8 @@ class LesionSynthesisPipeline:
             resampling.
         max_spacing_ratio: Largest ratio between scan and training voxel size on any axis
             (either way); beyond it the scan is refused (resampling cannot invent detail).
+        attribute_names: The scalar attributes an attribute-conditioned model was trained
+            with, in order (``volume_fraction``, ``mean_intensity``; from the record).
     """
 
     def __init__(
@@ -163,10 +168,19 @@ class LesionSynthesisPipeline:
         gate: QualityGate | None = None,
         train_spacing: Sequence[float] | None = None,
         max_spacing_ratio: float = 4.0,
+        attribute_names: Sequence[str] = (),
     ) -> None:
         self.model = model.eval()
         self.train_spacing = tuple(float(s) for s in train_spacing) if train_spacing else None
         self.max_spacing_ratio = float(max_spacing_ratio)
+        self.attribute_names = tuple(attribute_names)
+        wanted = int(getattr(model.config, "num_attributes", 0) or 0)
+        if wanted != len(self.attribute_names):
+            raise SynthesisError(
+                f"the model takes {wanted} attribute(s) but {len(self.attribute_names)} "
+                f"attribute name(s) were given {list(self.attribute_names)} (a model folder's "
+                "training record lists them)"
+            )
         self.normaliser = normaliser
         self.roi_size = tuple(int(s) for s in roi_size)
         self.device = torch.device(device)
@@ -199,6 +213,13 @@ class LesionSynthesisPipeline:
         )
         if data.get("spacing_resampled") and data.get("spacing"):
             kwargs.setdefault("train_spacing", data["spacing"])
+        if getattr(model.config, "num_attributes", 0) and "attributes" not in data:
+            raise SynthesisError(
+                f"{model_dir}: the model is conditioned on attributes but its training record "
+                "does not name them (trained before synthlesion recorded them); retrain or add "
+                'the "attributes" list to the record\'s data section'
+            )
+        kwargs.setdefault("attribute_names", data.get("attributes", ()))
         return cls(model, normaliser, data["roi_size"], **kwargs)
 
     # -- step 1 -------------------------------------------------------------------------
@@ -346,6 +367,7 @@ class LesionSynthesisPipeline:
         feather_mm: float = 1.5,
         resample_jumps: int = 0,
         prompt: str | None = None,
+        attributes: Mapping[str, float] | None = None,
     ) -> LesionSynthesisOutput:
         """Paint the lesions of ``lesion_mask`` into ``image``.
 
@@ -362,12 +384,22 @@ class LesionSynthesisPipeline:
             feather_mm: Width of the blend band inside the region's edge (mm).
             resample_jumps: RePaint resampling jumps per step (DDPM and DDIM only).
             prompt: Text prompt for the latent backend.
+            attributes: For an attribute-conditioned model: ``mean_intensity`` (the lesions'
+                mean, in image units: HU for CT; default: the median of the real lesions of
+                the reference) and optionally ``volume_fraction`` (default: measured from each
+                target lesion in its region of interest, as in training).
         """
         # 1. inputs
         lesion_mask = np.asarray(lesion_mask)
         self.check_inputs(image, lesion_mask, organ_mask)
         if resample_jumps and scheduler not in STATELESS_SCHEDULERS:
             raise SynthesisError(f"resampling jumps need ddpm or ddim, not {scheduler}")
+        attributes = dict(attributes or {})
+        unknown = sorted(set(attributes) - set(self.attribute_names))
+        if unknown:
+            raise SynthesisError(
+                f"attributes {unknown} are not among the model's {list(self.attribute_names)}"
+            )
         source = image.array
         # 2. regions (all further work is local to each lesion's box)
         factor = self.scale_to_training(image)
@@ -385,9 +417,15 @@ class LesionSynthesisPipeline:
             ]  # fmt: skip
         regions = [r for r, _ in planned]
         # 4. denoising, in batches that halve on out-of-memory errors
-        generated = self._run_batches(
-            crops, regions, scheduler, num_inference_steps, seed, batch_size, resample_jumps, prompt
+        attribute_values = (
+            [self._attributes(crop, attributes, value_range) for crop in crops]
+            if self.attribute_names
+            else None
         )
+        generated = self._run_batches(
+            crops, regions, scheduler, num_inference_steps, seed, batch_size, resample_jumps,
+            prompt, attribute_values,
+        )  # fmt: skip
         if factor is not None:  # back to the scan's grid before the paste
             generated = [_resize(g, r.size, 1) for g, r in zip(generated, regions, strict=True)]
         # 5. paste back: weight 1 on the lesion, a feather band at the region's edge, 0 outside
@@ -424,9 +462,36 @@ class LesionSynthesisPipeline:
                 )
             )
         painted = np.where(lesion_mask > 0, lesion_mask, 0).astype(np.uint8)
-        return LesionSynthesisOutput(output, painted, regions, quality)
+        return LesionSynthesisOutput(output, painted, regions, quality, attribute_values)
 
     # -- helpers ------------------------------------------------------------------------
+    def _attributes(
+        self, crop: tuple[np.ndarray, ...], given: Mapping[str, float], value_range: Any
+    ) -> dict[str, float]:
+        """One region's attribute values, normalised as the training crops' were."""
+        _, fill, lesion = crop
+        inside = lesion.max(axis=0) > 0
+        out: dict[str, float] = {}
+        for name in self.attribute_names:
+            if name == "volume_fraction":
+                out[name] = float(given.get(name, inside.mean()))
+            elif name == "mean_intensity":
+                if name in given:
+                    level = float(given[name])
+                elif self.reference is not None and self.reference.means:
+                    level = float(np.median(self.reference.means))
+                else:
+                    raise SynthesisError(
+                        "the model is conditioned on the lesions' mean intensity: give it "
+                        "(attributes={'mean_intensity': value in image units}) or a reference "
+                        "of real lesions"
+                    )
+                normalised = self.normaliser.normalise(np.array([level]), value_range)
+                out[name] = float(np.asarray(normalised).reshape(-1)[0])
+            else:
+                raise SynthesisError(f"unknown attribute {name!r} in the model's record")
+        return out
+
     def _crop_inputs(self, array, lesion_mask, region: Region, local: _LocalRegion, value_range):  # noqa: ANN001, ANN202
         src, dst = region.slices(array.shape)
         image = np.full(region.size, -1.0, dtype=np.float32)
@@ -441,7 +506,8 @@ class LesionSynthesisPipeline:
             lesion[k][in_roi] = local.lesion & (values == k + 1)
         return image, fill, lesion
 
-    def _run_batches(self, crops, regions, scheduler_name, steps, seed, batch_size, jumps, prompt):  # noqa: ANN001, ANN202
+    def _run_batches(self, crops, regions, scheduler_name, steps, seed, batch_size, jumps, prompt,
+                     attributes=None):  # noqa: ANN001, ANN202  # fmt: skip
         results: list[np.ndarray | None] = [None] * len(crops)
         start = 0
         size = max(1, int(batch_size))
@@ -456,6 +522,7 @@ class LesionSynthesisPipeline:
                     seed,
                     jumps,
                     prompt,
+                    [attributes[i] for i in chunk] if attributes is not None else None,
                 )
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
@@ -473,7 +540,7 @@ class LesionSynthesisPipeline:
         return results
 
     @torch.no_grad()
-    def _denoise(self, crops, regions, scheduler_name, steps, seed, jumps, prompt):  # noqa: ANN001, ANN202
+    def _denoise(self, crops, regions, scheduler_name, steps, seed, jumps, prompt, attributes=None):  # noqa: ANN001, ANN202
         model = self.model
         device = self.device
         batch = {
@@ -487,9 +554,11 @@ class LesionSynthesisPipeline:
             )
         if prompt is not None:
             batch["prompt"] = [prompt] * len(crops)
-        if getattr(model.config, "num_attributes", 0):
-            raise SynthesisError(
-                "models conditioned on attributes are not supported for sampling yet"
+        if attributes is not None:
+            batch["attributes"] = torch.tensor(
+                [[a[name] for name in self.attribute_names] for a in attributes],
+                dtype=torch.float32,
+                device=device,
             )
         cond = model.prepare(batch)
         generators = [

@@ -75,6 +75,9 @@ class SampleOptions:
         feather_mm: Feather band inside the margin (mm).
         lesion_volume_mm3: ``(low, high)`` for procedural sizes when there is no real lesion to
             learn sizes from.
+        attributes: For attribute-conditioned models: fixed values (``mean_intensity`` in image
+            units, ``volume_fraction``); missing ones are measured or taken from the real
+            lesions (see ``LesionSynthesisPipeline.__call__``). Recorded per case.
     """
 
     per_case: int = 1
@@ -93,6 +96,7 @@ class SampleOptions:
     dilation_mm: float = 3.0
     feather_mm: float = 1.5
     lesion_volume_mm3: tuple[float, float] = (50.0, 2000.0)
+    attributes: dict[str, float] | None = None
 
 
 @dataclass
@@ -328,6 +332,7 @@ def _make_case(
         batch_size=options.batch_size,
         dilation_mm=options.dilation_mm,
         feather_mm=options.feather_mm,
+        attributes=options.attributes,
     )
     label_map = labels.array.copy()
     for cls_index, value in enumerate(lesion_values, start=1):
@@ -341,6 +346,8 @@ def _make_case(
         "lesions": [q.to_dict() for q in result.quality],
         "mask_facts": mask_facts,
     }
+    if result.attributes is not None:
+        quality["attributes"] = result.attributes
     writer.append_case(
         case_id=case_id,
         source=source,

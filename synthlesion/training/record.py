@@ -69,6 +69,7 @@ def data_record(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         "lesion_class_names": list(data.label_names),
         "organ_label_values": list(pre.organ_labels),
         "region_dilation": config.data.region_dilation,
+        "attributes": list(config.data.attributes),
         "healthy_fraction": config.data.healthy_fraction,
     }
 
