@@ -114,7 +114,9 @@ def warp_tensors(
     def resample(stack: torch.Tensor, mode: str, is_label: bool) -> torch.Tensor:
         if sampler == "native" or (sampler == "auto" and prefers_native(stack, mode)):
             padding = "zeros" if is_label else padding_mode
-            return warp_sample(stack, voxel, mode=mode, padding_mode=padding, sampler=sampler)
+            # positions in float32 (float64 for float64 images), as the grid_sample path
+            coarse = voxel if stack.dtype == torch.float64 else voxel.to(torch.float32)
+            return warp_sample(stack, coarse, mode=mode, padding_mode=padding, sampler=sampler)
         dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
         if dtype not in grids:
             grids[dtype] = dense_grid(voxel, info.spatial_shape, dtype)
