@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -115,3 +116,21 @@ def phantom_with_splits(
     splits = root / "splits.json"
     save_splits(split_patients(load_cases(dataset), seed=0), splits)
     return dataset, splits
+
+
+def randomise(*modules: Any, seed: int = 0) -> None:
+    """Give zero-initialised weights (MONAI's output conv, new conv_in channels, class
+    embeddings, ControlNet zero convs) small random values, as training would, so that wiring
+    tests see every input's effect."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                noise = torch.randn(p.shape, generator=g) * 0.1
+                if p.ndim > 1 and not p.any():
+                    p.copy_(noise)
+                elif p.ndim == 4:  # a conv whose new input channels are zero
+                    unused = p.abs().sum(dim=(0, 2, 3)) == 0
+                    p[:, unused] = noise[:, unused]

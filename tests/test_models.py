@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomise, single_torch_thread  # noqa: E402
 from safetensors.torch import load_file
 
 from synthlesion.config import load_config
@@ -43,13 +44,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, above all on shared, busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 def make_config(variant: str = "2d-diffusers", **changes) -> ModelConfig:
@@ -78,21 +73,6 @@ def make_batch(config: ModelConfig, batch_size: int = 2, seed: int = 0) -> dict:
     if config.num_attributes:
         batch["attributes"] = torch.rand((batch_size, config.num_attributes), generator=g)
     return batch
-
-
-def randomise(*modules: torch.nn.Module, seed: int = 0) -> None:
-    """Give zero-initialised weights (MONAI's output conv) small random values, as training
-    would, so that wiring tests see every input's effect."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in modules:
-            for p in module.parameters():
-                noise = torch.randn(p.shape, generator=g) * 0.1
-                if p.ndim > 1 and not p.any():
-                    p.copy_(noise)
-                elif p.ndim == 4:  # a conv whose new input channels are zero
-                    unused = p.abs().sum(dim=(0, 2, 3)) == 0
-                    p[:, unused] = noise[:, unused]
 
 
 def noisy_like(model: LesionDiffusionModel, batch: dict, seed: int = 1):
