@@ -548,7 +548,7 @@ class Transform:
         self._device = torch.device(device) if device is not None else None
         self._seed = seed
         self._generator: torch.Generator | None = None
-        self._pid = os.getpid()
+        self._owner: tuple[int, int | None] = (os.getpid(), None)
 
     @property
     def name(self) -> str:
@@ -567,15 +567,25 @@ class Transform:
         return self
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The transform's generator; refuses a batch on another device."""
-        if self._generator is not None and os.getpid() != self._pid and self._seed is None:
-            self._generator = None  # forked DataLoader worker: draw a fresh stream
+        """The transform's generator; refuses a batch on another device.
+
+        In a DataLoader worker every worker draws its own stream: without a seed from the
+        worker's torch seed (which the DataLoader's generator fixes), with a seed from that
+        seed and the worker id. So workers never repeat each other's augmentations, and a
+        fixed seed (and worker count) reproduces the run.
+        """
+        worker = torch.utils.data.get_worker_info()
+        owner = (os.getpid(), worker.id if worker is not None else None)
+        if self._generator is not None and owner != self._owner:
+            self._generator = None  # a DataLoader worker (or another process): its own stream
         if self._generator is None:
-            self._pid = os.getpid()
+            self._owner = owner
             gen_device = self._device if self._device is not None else device
             seed = self._seed
             if seed is None:
                 seed = (torch.initial_seed() * 1_000_003 + self._instance * 7919) % (2**63 - 1)
+            elif worker is not None:
+                seed = (int(seed) * 1_000_003 + 7919 * (worker.id + 1)) % (2**63 - 1)
             self._generator = torch.Generator(device=gen_device)
             self._generator.manual_seed(int(seed))
         gen_device = self._generator.device
