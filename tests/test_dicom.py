@@ -25,8 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from synthlesion.data.dicom import load_dicom_series
+from synthlesion.data.dicom import load_dicom_series, save_dicom_series
 from synthlesion.data.io import load_image, save_image
+from synthlesion.data.volume import Volume
 from synthlesion.errors import DicomSeriesError, ImageReadError
 
 with warnings.catch_warnings():  # nibabel flags its DICOM readers as experimental on import
@@ -539,3 +540,62 @@ def test_any_orientation_maps_voxels_to_hand_positions(
     for ijk in [(0, 0, 0), (63, 0, 0), (0, 63, n - 1), (63, 63, n - 1)]:
         want = expected_ras(origin, row, col, spacing, step, ijk)
         np.testing.assert_allclose(voxel_to_world(volume.affine, ijk), want, atol=5e-3)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    return np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_written_series_reads_back_with_the_same_voxels_and_geometry(tmp_path, rotated):
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1024, 1500, size=(12, 10, 6)).astype(np.int16)
+    affine = np.eye(4)
+    affine[:3, :3] = (_rotation_z(20) if rotated else np.eye(3)) @ np.diag([0.7, 0.8, 2.5])
+    affine[:3, 3] = [-40.0, 25.0, -60.0]
+    volume = Volume(array, affine, None, "syn_case.nii.gz")
+    folder = save_dicom_series(volume, tmp_path / "series", patient_id="syn_0001")
+    assert sorted(p.name for p in folder.iterdir()) == [f"{k:04d}.dcm" for k in range(1, 7)]
+    back = load_dicom_series(folder)
+    assert back.array.dtype == np.int16 and np.array_equal(back.array, array)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    header = pydicom.dcmread(folder / "0001.dcm")
+    assert list(header.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert header.PatientID == "syn_0001" and "synthetic" in header.SeriesDescription
+    again = save_dicom_series(volume, tmp_path / "again", patient_id="syn_0001")
+    assert (again / "0003.dcm").read_bytes() == (folder / "0003.dcm").read_bytes()
+
+
+def test_float_volume_is_rescaled_into_16_bits(tmp_path):
+
+    array = np.linspace(0.0, 812.5, 8 * 8 * 4, dtype=np.float32).reshape(8, 8, 4)
+    volume = Volume(array, np.diag([1.0, 1.0, 3.0, 1.0]), None, "mri.nii.gz")
+    back = load_dicom_series(save_dicom_series(volume, tmp_path / "s", modality="MR",
+                                               patient_id="p"))  # fmt: skip
+    assert back.array.dtype == np.float32
+    np.testing.assert_allclose(back.array, array, atol=812.5 / 32767)
+
+
+def test_writer_refuses_what_dicom_cannot_hold_and_writes_nothing(tmp_path):
+
+    sheared = np.eye(4)
+    sheared[0, 2] = 0.5
+    volume = Volume(np.zeros((4, 4, 3), np.int16), sheared, None, "sheared.nii.gz")
+    with pytest.raises(ValueError, match="sheared.nii.gz.*sheared or its slices"):
+        save_dicom_series(volume, tmp_path / "s", patient_id="p")
+    with pytest.raises(ValueError, match="3D volume"):
+        save_dicom_series(Volume(np.zeros((4, 4), np.int16), np.eye(4)), tmp_path / "s",
+                          patient_id="p")  # fmt: skip
+    big = Volume(np.full((2, 2, 2), 40000, np.int32), np.eye(4), None, "big.nii.gz")
+    with pytest.raises(ValueError, match="int16 range"):
+        save_dicom_series(big, tmp_path / "s", patient_id="p")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    ok = Volume(np.zeros((4, 4, 3), np.int16), np.eye(4))
+    save_dicom_series(ok, tmp_path / "s", patient_id="p")
+    with pytest.raises(ValueError, match="exists"):
+        save_dicom_series(ok, tmp_path / "s", patient_id="p")

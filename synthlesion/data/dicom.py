@@ -13,7 +13,10 @@ columns, axis 2 along the slice normal).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -539,3 +543,130 @@ def _meta(
 
 def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+_SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+
+
+def save_dicom_series(
+    volume: Volume,
+    folder: str | Path,
+    *,
+    modality: str = "CT",
+    patient_id: str,
+    series_description: str = "synthlesion synthetic",
+    derivation: str = "synthetic lesions painted by synthlesion; provenance in its manifest",
+    overwrite: bool = False,
+) -> Path:
+    """Write a 3D volume as one DICOM series (one file per slice), marked as synthetic.
+
+    The inverse of :func:`load_dicom_series`: array axis 0 runs along a row, axis 1 down a
+    column, axis 2 across slices (RAS affine, converted to DICOM's LPS). Integer volumes are
+    stored as signed 16-bit pixels (CT stays HU); float volumes with a rescale slope chosen
+    so the largest magnitude fits. The series says what it is: ``ImageType`` DERIVED /
+    SECONDARY, the series description and a derivation description. UIDs are derived from
+    the patient id and the voxel content, so equal inputs give equal files. The folder is
+    written under a temporary name and renamed when complete.
+
+    Args:
+        volume: 3D image with its affine (mm, RAS).
+        folder: The series folder to create.
+        modality: ``"CT"`` or ``"MR"``.
+        patient_id: Patient ID written into every file (use the synthetic case's pseudonym,
+            never a real identifier).
+        series_description: ``SeriesDescription``.
+        derivation: ``DerivationDescription``.
+        overwrite: Replace an existing folder.
+
+    Returns:
+        The series folder.
+
+    Raises:
+        ValueError: not 3D, an unknown modality, a sheared or tilted grid that DICOM cannot
+            express, values that do not fit 16 bits, an existing folder.
+    """
+    folder = Path(folder)
+    if volume.array.ndim != 3:
+        raise ValueError(f"{volume.source}: a DICOM series needs a 3D volume, got {volume.shape}")
+    if modality not in _SOP_CLASS:
+        raise ValueError(f"modality={modality!r} not in {sorted(_SOP_CLASS)}")
+    if folder.exists() and not overwrite:
+        raise ValueError(f"{folder}: exists; choose a new folder or overwrite=True")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(volume.affine, dtype=float)
+    axes = lps[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0)
+    row, col, along = (axes[:, a] / sizes[a] for a in range(3))
+    normal = np.cross(row, col)
+    if abs(float(row @ col)) > 1e-4 or float(along @ normal) < 1 - 1e-4:
+        raise ValueError(
+            f"{volume.source}: the voxel grid is sheared or its slices are not stacked along "
+            "the in-plane normal (row x column); DICOM slices cannot express that: reorient first"
+        )
+    pixels, slope = _to_int16(volume)
+    study = pydicom.uid.generate_uid(entropy_srcs=[patient_id, "study"])
+    content = hashlib.sha256(pixels.tobytes()).hexdigest()
+    series = pydicom.uid.generate_uid(entropy_srcs=[patient_id, series_description, content])
+    frame = pydicom.uid.generate_uid(entropy_srcs=[series, "frame"])
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        for k in range(pixels.shape[2]):
+            uid = pydicom.uid.generate_uid(entropy_srcs=[series, str(k)])
+            ds = _slice_dataset(modality, uid)
+            ds.PatientID = patient_id
+            ds.PatientName = patient_id
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+            ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.SeriesDescription = series_description
+            ds.DerivationDescription = derivation
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * axes[:, 2]]
+            ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+            ds.PixelSpacing = [f"{sizes[1]:.6f}", f"{sizes[0]:.6f}"]  # row, column spacing
+            ds.SliceThickness = f"{sizes[2]:.6f}"
+            ds.SpacingBetweenSlices = f"{sizes[2]:.6f}"
+            ds.Rows, ds.Columns = pixels.shape[1], pixels.shape[0]
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleIntercept, ds.RescaleSlope = "0", f"{slope:.10g}"
+            ds.PixelData = np.ascontiguousarray(pixels[:, :, k].T).astype("<i2").tobytes()
+            ds.save_as(staging / f"{k + 1:04d}.dcm", enforce_file_format=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _to_int16(volume: Volume) -> tuple[np.ndarray, float]:
+    """Pixels as int16 and the rescale slope that gives the volume's values back."""
+    array = np.asarray(volume.array)
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(np.int16)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(f"{volume.source}: values outside the int16 range")
+        return array.astype(np.int16), 1.0
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{volume.source}: NaN or Inf voxels cannot be stored")
+    peak = float(np.abs(array).max()) if array.size else 0.0
+    slope = peak / 32767 if peak > 0 else 1.0
+    return np.rint(array / slope).astype(np.int16), slope
+
+
+def _slice_dataset(modality: str, sop_uid: str) -> Dataset:
+    """An empty slice dataset with its file meta (explicit VR little endian)."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _SOP_CLASS[modality]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = _SOP_CLASS[modality], sop_uid, modality
+    return ds
