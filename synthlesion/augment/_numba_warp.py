@@ -115,11 +115,13 @@ def _row_positions(coarse, cell, frac, limits, padding, b, i, j, row, pos, one):
         stop = start
         while stop < size2 and cell[2, stop] == m:
             stop += 1
+        f2 = frac[2, start:stop]  # 1D views: loops the compiler can vectorise
         for a in range(3):
             base = row[m, a]
             slope = row[m + 1, a] - base
-            for k in range(start, stop):
-                pos[a, k] = base + slope * frac[2, k]
+            target = pos[a, start:stop]
+            for k in range(f2.shape[0]):
+                target[k] = base + slope * f2[k]
         start = stop
     for a in range(3):
         limit = limits[a]
@@ -127,8 +129,9 @@ def _row_positions(coarse, cell, frac, limits, padding, b, i, j, row, pos, one):
             for k in range(size2):
                 pos[a, k] = zero
         elif padding == 1:
+            target = pos[a]
             for k in range(size2):
-                pos[a, k] = min(max(pos[a, k], zero), limit)
+                target[k] = min(max(target[k], zero), limit)
         elif padding == 2:
             for k in range(size2):
                 pos[a, k] = _pad(pos[a, k], limit, padding, zero)
