@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from synthlesion import __version__
+from synthlesion.config import add_override_argument, parse_assignment
 from synthlesion.errors import ConfigError, SynthlesionError
 
 logger = logging.getLogger("synthlesion")
@@ -220,13 +221,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--config", default=None, help="BuildConfig YAML")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a BuildConfig field (repeatable)",
-    )
+    add_override_argument(p, "synthetic_share=0.3", dest="set")
     p.add_argument(
         "--synthetic-share",
         type=float,
@@ -356,13 +351,10 @@ def _attribute_values(items: list[str]) -> dict[str, float] | None:
     """``["mean_intensity=80", ...]`` as a dict (None when empty)."""
     values: dict[str, float] = {}
     for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            values[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise ConfigError(f"--attribute {item!r}: expected NAME=NUMBER")
+        name, value = parse_assignment(item, "--attribute", "NAME=NUMBER")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"--attribute {item!r} must look like NAME=NUMBER")
+        values[name] = float(value)
     return values or None
 
 
@@ -436,14 +428,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "lesions' fidelity and writes results.json and report.html into out_dir.",
     )
     p.add_argument("--config", required=True, help="evaluation YAML (see configs/evaluate_*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set segmenter.steps=100 (repeatable)",
-    )
+    add_override_argument(p, "segmenter.steps=100")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -55,11 +55,36 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping")
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(data, key.strip().split("."), yaml.safe_load(raw))
+        key, value = parse_assignment(item, "override", "key.sub=value")
+        _set_dotted(data, key.split("."), value)
     return _build(cls, data, where, prefix="")
+
+
+def parse_assignment(item: str, what: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
+    """``"key=value"`` as ``(key, YAML value)`` (command-line overrides and settings).
+
+    Raises:
+        ConfigError: no ``=``, an empty key or an unreadable value; names ``what``.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{what} {item!r} must look like {form}")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {item!r}: unreadable value ({exc})") from None
+
+
+def add_override_argument(parser: Any, example: str, dest: str = "overrides") -> None:
+    """The repeatable ``--set KEY=VALUE`` option of the commands that read a config."""
+    parser.add_argument(
+        "--set",
+        dest=dest,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable; values are YAML)",
+    )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

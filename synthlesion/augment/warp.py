@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from synthlesion.augment.base import BatchInfo, BatchView
+from synthlesion.augment.base import BatchInfo, BatchView, where_applied
 from synthlesion.augment.grid import (
     centred_points,
     coord_dtype,
@@ -100,8 +100,7 @@ def warp_tensors(
     applied = steps[0][2].clone()
     for _, _, a in steps[1:]:
         applied = applied | a
-    on_cpu = applied.device.type == "cpu"  # elsewhere, skip checks that wait for the device
-    if on_cpu and not bool(applied.any()):
+    if applied.device.type == "cpu" and not bool(applied.any()):  # elsewhere: no device wait
         return dict(images), dict(labels)
     if all(getattr(cls, "is_flip", False) for cls, _, _ in steps):
         flips = torch.zeros_like(steps[0][1]["flip"])
@@ -137,16 +136,9 @@ def warp_tensors(
             sizes = [source[k].shape[1] for k in keys]
             for key, part in zip(keys, torch.split(result, sizes, 1), strict=True):
                 out[key] = part
-    if not on_cpu:
-        for src, dst in ((images, out_images), (labels, out_labels)):
-            for key in dst:
-                mask = applied.view((-1,) + (1,) * (dst[key].ndim - 1))
-                dst[key] = torch.where(mask, dst[key], src[key])
-    elif not bool(applied.all()):
-        keep = ~applied
-        for src, dst in ((images, out_images), (labels, out_labels)):
-            for key in dst:
-                dst[key][keep] = src[key][keep]
+    for src, dst in ((images, out_images), (labels, out_labels)):
+        for key in dst:
+            dst[key] = where_applied(applied, dst[key], src[key])
     return out_images, out_labels
 
 

@@ -639,7 +639,6 @@ def _resize(array: np.ndarray, size: Sequence[int], order: int) -> np.ndarray:
     """Resample a crop to ``size`` with corners on corners (order 1 linear, 0 nearest)."""
     if tuple(array.shape) == tuple(size):
         return array
-    axes = [np.linspace(0, n - 1, m) for n, m in zip(array.shape, size, strict=True)]
-    coords = np.meshgrid(*axes, indexing="ij")
-    out = ndimage.map_coordinates(array, coords, order=order, mode="nearest")
+    factors = [m / n for m, n in zip(size, array.shape, strict=True)]
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False)
     return out.astype(array.dtype, copy=False)

@@ -8,21 +8,15 @@ import logging
 import sys
 from typing import Any
 
+from synthlesion.config import add_override_argument
+
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (``--config``, ``--set``, ``--resume``, ``--stop-at-step``)."""
     parser.add_argument("--config", required=True, help="training YAML (see configs/train_*.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.learning_rate=1e-4 "
-        "(repeatable; values are YAML)",
-    )
+    add_override_argument(parser, "optim.learning_rate=1e-4")
     parser.add_argument(
         "--resume",
         default=None,
