@@ -20,6 +20,22 @@ from synthlesion.pipelines.lesion_synthesis import SynthesisError
 from synthlesion.pipelines.sampling import SampleOptions, run_sampling
 
 
+def training_record(patients, **data) -> dict:
+    """A training record for a 2D CT model trained on ``patients`` (32x32 ROI)."""
+    return {
+        "patient_hash_scheme": PATIENT_HASH_SCHEME,
+        "patient_id_hashes": sorted(hash_patient_id(p) for p in patients),
+        "data": {
+            "intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
+            "roi_size": [32, 32],
+            "modality": "CT",
+            "lesion_label_values": [2],
+            "organ_label_values": [1],
+            **data,
+        },
+    }
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling")
@@ -43,18 +59,7 @@ def world(tmp_path_factory):
     )
 
     def save(path, patients):
-        record = {
-            "patient_hash_scheme": PATIENT_HASH_SCHEME,
-            "patient_id_hashes": sorted(hash_patient_id(p) for p in patients),
-            "data": {
-                "intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
-                "roi_size": [32, 32],
-                "modality": "CT",
-                "lesion_label_values": [2],
-                "organ_label_values": [1],
-            },
-        }
-        model.save_pretrained(path, training_record=record)
+        model.save_pretrained(path, training_record=training_record(patients))
         return path
 
     good = save(root / "model", splits.patients("train"))
@@ -219,18 +224,9 @@ def test_attribute_conditioned_model_samples_and_records_its_attributes(world):
             layers_per_block=1, norm_num_groups=4, num_train_timesteps=50, num_attributes=2,
         )
     )  # fmt: skip
-    record = {
-        "patient_hash_scheme": PATIENT_HASH_SCHEME,
-        "patient_id_hashes": sorted(hash_patient_id(p) for p in world["split"].patients("train")),
-        "data": {
-            "intensity": {"mode": "window", "window": [-200, 300], "percentiles": [0.5, 99.5]},
-            "roi_size": [32, 32],
-            "modality": "CT",
-            "lesion_label_values": [2],
-            "organ_label_values": [1],
-            "attributes": ["volume_fraction", "mean_intensity"],
-        },
-    }
+    record = training_record(
+        world["split"].patients("train"), attributes=["volume_fraction", "mean_intensity"]
+    )
     folder = world["root"] / "attribute_model"
     model.save_pretrained(folder, training_record=record)
     out = world["root"] / "syn_attributes"

@@ -109,13 +109,16 @@ def warp_tensors(
         return _exact_flips(images, flips), _exact_flips(labels, flips)
     voxel = composite_voxel_grid(steps, info, inverse=inverse)
     grids: dict[torch.dtype, torch.Tensor] = {}  # dense grids of the torch sampler, by dtype
+    maps: dict[torch.dtype, torch.Tensor] = {}  # the coarse map in the kernels' position dtype
 
     def resample(stack: torch.Tensor, mode: str, is_label: bool) -> torch.Tensor:
         if sampler == "native" or (sampler == "auto" and prefers_native(stack, mode)):
             padding = "zeros" if is_label else padding_mode
             # positions in float32 (float64 for float64 images), as the grid_sample path
-            coarse = voxel if stack.dtype == torch.float64 else voxel.to(torch.float32)
-            return warp_sample(stack, coarse, mode=mode, padding_mode=padding, sampler=sampler)
+            dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
+            if dtype not in maps:
+                maps[dtype] = voxel.to(dtype)
+            return warp_sample(stack, maps[dtype], mode=mode, padding_mode=padding, sampler=sampler)
         dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
         if dtype not in grids:
             grids[dtype] = dense_grid(voxel, info.spatial_shape, dtype)
