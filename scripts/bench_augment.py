@@ -5,8 +5,9 @@ One process, the same data for everyone: the embedded 3D CT phantom (resampled t
 pipeline is affine + elastic + Gaussian noise + bias field + gamma on the image and the mask:
 
 * synthlesion: ``Compose`` on batches (B, 1, *spatial), as after a DataLoader, eager and with
-  the compiled backend (its compilation time is reported apart, not counted); the warp runs
-  the fused kernel (numba on the CPU, Triton on CUDA) unless ``--samplers`` asks for the
+  the compiled backend (its compilation time is reported apart, not counted), on CUDA also
+  replayed as CUDA graphs (``eager+graph``; capture in the warm-up); the warp runs the fused
+  kernel (numba on the CPU, Triton on CUDA) unless ``--samplers`` asks for the
   ``grid_sample`` path too (``torch``);
 * MONAI: ``Rand3DElasticd`` (with rotation and scale) / ``Rand2DElasticd``,
   ``RandGaussianNoised``, ``RandBiasFieldd``, ``RandAdjustContrastd``, all ``prob=1``, one item
@@ -19,7 +20,8 @@ that load from other processes hits every library alike. Prints volumes per seco
 ratios, and ends with one line of JSON holding every figure.
 
 Usage: python scripts/bench_augment.py [--quick] [--device cpu|cuda] [--batch B] [--seconds S]
-       [--samplers auto,torch] [--backends eager,compiled] [--sizes 128x3,512x2] [--profile]
+       [--samplers auto,torch] [--backends eager,compiled,eager+graph]
+       [--sizes 128x3,512x2] [--profile]
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def ours(backend: str, nd: int, spacing: tuple[float, ...], device: str, seed: i
             RandBiasField("image", coefficients=(-0.3, 0.3), order=3),
             RandGamma("image", log_gamma=(-0.3, 0.3)),
         ],
-        backend=backend,
+        backend=backend.removesuffix("+graph"),
+        cuda_graph=backend.endswith("+graph"),
         seed=seed,
     ).set_random_state(seed, device=device)
 
@@ -292,6 +295,9 @@ def bench_size(size: int, nd: int, args: argparse.Namespace) -> dict[str, Any]:
             result[f"best_vs_{other}"] = round(best[0] / theirs, 2)
     if args.profile and best[0]:
         result["profile"] = profile_steps(next(r for r in runners if r.name == best[1]), device)
+        eager = next((r for r in runners if r.name == "synthlesion_eager" and r.rate), None)
+        if eager is not None and eager.name != best[1]:
+            result["profile_eager"] = profile_steps(eager, device)
     return result
 
 
@@ -316,8 +322,9 @@ def profile_steps(runner: Runner, device: str, steps: int = 5) -> dict[str, Any]
     counts = {e.key: e.count for e in table}
     out: dict[str, Any] = {"batches": steps}
     if cuda:
+        launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
         out["launches_per_batch"] = (
-            sum(n for k, n in counts.items() if k.startswith("cudaLaunchKernel")) / steps
+            sum(n for k, n in counts.items() if k.startswith(launches)) / steps
         )
         out["syncs_per_batch"] = counts.get("cudaStreamSynchronize", 0) / steps
         device_us = sum(
@@ -355,7 +362,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="synthlesion batch (default 4 "
                         "for 3D on CPU, 16 for 2D and on CUDA)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=None, help="timed seconds per library")
-    parser.add_argument("--backends", default=None, help="comma list: compiled,eager")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma list: compiled,eager (+graph: replayed as CUDA graphs, e.g. eager+graph)",
+    )
     parser.add_argument(
         "--samplers",
         default="auto",
@@ -382,7 +393,9 @@ def main() -> int:
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     if args.backends is None:
-        args.backends = ["eager"] if (args.quick or cuda) else ["compiled", "eager"]
+        args.backends = (
+            ["eager+graph", "eager"] if cuda else ["eager"] if args.quick else ["compiled", "eager"]
+        )
     else:
         args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.samplers = [v.strip() for v in args.samplers.split(",") if v.strip()]

@@ -23,7 +23,7 @@ from synthlesion.augment import grid as grid_module
 from synthlesion.augment import warp as warp_module
 from synthlesion.augment.base import BatchInfo
 from synthlesion.augment.grid import upsample
-from synthlesion.augment.warp import composite_voxel_grid
+from synthlesion.augment.warp import _exact_flips, composite_voxel_grid, flip_per_axis
 
 
 def smooth_image(shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
@@ -162,6 +162,18 @@ def test_flip_alone_is_exact() -> None:
         assert not flips[b, 1]
         want = image[b : b + 1].flip(dims) if dims else image[b : b + 1]
         assert torch.equal(out["image"][b : b + 1], want)
+
+
+def test_device_flip_path_equals_the_grouped_flips() -> None:
+    """The accelerator path (no host read of the flips) gives the same exact copies."""
+    gen = torch.Generator().manual_seed(4)
+    image = torch.randn(6, 2, 5, 6, 7, generator=gen)
+    label = torch.randint(0, 4, (6, 1, 5, 6, 7), generator=gen, dtype=torch.uint8)
+    flips = torch.rand(6, 3, generator=gen) < 0.5
+    grouped = _exact_flips({"image": image, "label": label}, flips)
+    for key, x in (("image", image), ("label", label)):
+        out = flip_per_axis(x, flips)
+        assert out.dtype == x.dtype and torch.equal(out, grouped[key])
 
 
 def test_rotation_is_physical_on_anisotropic_grid() -> None:

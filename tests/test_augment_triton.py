@@ -123,6 +123,26 @@ def test_non_contiguous_inputs() -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * float(source.abs().max()))
 
 
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_samples_not_applied_are_copied_bit_for_bit(mode) -> None:
+    shape = (6, 5, 7)
+    gen = torch.Generator().manual_seed(12)
+    source = torch.randn((3, 2) + shape, generator=gen).to(DEVICE)
+    if mode == "nearest":
+        source = (source > 0).to(torch.uint8)
+    coarse = coarse_map(shape, batch=3, seed=13).float()
+    applied = torch.tensor([True, False, True], device=DEVICE)
+    out = _triton_warp.triton_warp_sample(
+        source, coarse, mode=mode, padding_mode="border", applied=applied
+    )
+    full = _triton_warp.triton_warp_sample(source, coarse, mode=mode, padding_mode="border")
+    assert torch.equal(out[1], source[1])
+    assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
+    with pytest.raises(ValueError, match="applied"):
+        _triton_warp.triton_warp_sample(source, coarse, mode=mode, padding_mode="border",
+                                        applied=applied[:2])  # fmt: skip
+
+
 def test_supports_and_errors() -> None:
     image = torch.zeros(1, 1, 4, 4, device=DEVICE)
     assert _triton_warp.supports(image, "linear")

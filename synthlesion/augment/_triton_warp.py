@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from synthlesion.augment.base import constant
+
 try:
     import triton
     import triton.language as tl
@@ -114,7 +116,7 @@ if triton is not None:
 
     @triton.jit
     def _warp_kernel(
-        src, dst, coarse, C, N0, N1, N2, n0, n1, n2, sb, s0, s1, s2, sc,
+        src, dst, coarse, applied, C, N0, N1, N2, n0, n1, n2, sb, s0, s1, s2, sc,
         ND: tl.constexpr, LINEAR: tl.constexpr, PADDING: tl.constexpr,
         FT: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
@@ -127,6 +129,25 @@ if triton is not None:
         nvox = N0 * plane
         live = (j < N1)[:, None] & (k < N2)[None, :]
         vox = i * plane + j[:, None] * N2 + k[None, :]
+        if tl.load(applied + b) == 0:  # not applied to this sample: an exact copy
+            sp = src + b * C * nvox
+            dp = dst + b * C * nvox
+            for _ in range(C):
+                tl.store(dp + vox, tl.load(sp + vox, mask=live, other=0), mask=live)
+                sp += nvox
+                dp += nvox
+        else:
+            _warp_tile(src, dst, coarse, b, i, j, k, live, vox, C, N0, N1, N2, n0, n1, n2,
+                       sb, s0, s1, s2, sc, ND, LINEAR, PADDING, FT)  # fmt: skip
+
+    @triton.jit
+    def _warp_tile(
+        src, dst, coarse, b, i, j, k, live, vox, C, N0, N1, N2, n0, n1, n2, sb, s0, s1, s2, sc,
+        ND: tl.constexpr, LINEAR: tl.constexpr, PADDING: tl.constexpr, FT: tl.constexpr,
+    ):  # fmt: skip
+        """Sample one tile of output voxels of sample ``b`` on the coarse map."""
+        plane = N1 * N2
+        nvox = N0 * plane
         c0, w0 = _cell(i, N0, n0, FT)
         c1, w1 = _cell(j, N1, n1, FT)
         c2, w2 = _cell(k, N2, n2, FT)
@@ -169,7 +190,12 @@ if triton is not None:
 
 
 def triton_warp_sample(
-    source: torch.Tensor, coarse: torch.Tensor, *, mode: str, padding_mode: str
+    source: torch.Tensor,
+    coarse: torch.Tensor,
+    *,
+    mode: str,
+    padding_mode: str,
+    applied: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample ``source`` on a coarse map in one fused Triton pass.
 
@@ -180,6 +206,8 @@ def triton_warp_sample(
             (array axis order), ``nodes >= 2`` per axis, on the device of ``source``.
         mode: ``"linear"`` or ``"nearest"``.
         padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        applied: Optional ``(B,)`` bool: samples where it is False are copied unchanged
+            (bit for bit), which spares the blend with the input afterwards.
 
     Returns:
         ``(B, C, *spatial)``, a new tensor of the dtype and device of ``source``.
@@ -198,13 +226,19 @@ def triton_warp_sample(
     spatial = (1,) * (3 - nd) + tuple(source.shape[2:])
     if spatial[0] * spatial[1] * spatial[2] >= 2**31:
         raise ValueError(f"volume {tuple(source.shape[2:])} too large (>= 2**31 voxels)")
+    batch, channels = source.shape[:2]
+    if applied is None:
+        flags = constant([1] * batch, torch.uint8, source.device)
+    elif applied.shape != (batch,) or applied.device != source.device:
+        raise ValueError(f"applied must be ({batch},) on {source.device}")
+    else:
+        flags = applied.to(torch.uint8)
     src = source.contiguous()
     if mode == "nearest":
         src = src.view(_RAW_VIEWS[src.element_size()])
     out = torch.empty_like(src)
     if out.numel() == 0:
         return out.view(source.dtype)
-    batch, channels = source.shape[:2]
     nodes = (2,) * (3 - nd) + tuple(coarse.shape[1:-1])
     strides = (0,) * (3 - nd) + tuple(coarse.stride()[1:-1])
     f64 = source.dtype == torch.float64 or (mode == "nearest" and coarse.dtype == torch.float64)
@@ -213,7 +247,7 @@ def triton_warp_sample(
     grid = (triton.cdiv(spatial[1], bj) * triton.cdiv(spatial[2], bk), spatial[0], batch)
     with torch.cuda.device(source.device) if source.is_cuda else contextlib.nullcontext():
         _warp_kernel[grid](
-            src, out, coarse, channels, *spatial, *nodes, coarse.stride(0), *strides,
+            src, out, coarse, flags, channels, *spatial, *nodes, coarse.stride(0), *strides,
             coarse.stride(-1), ND=nd, LINEAR=mode == "linear",
             PADDING=_PADDING_CODES[padding_mode], FT=tl.float64 if f64 else tl.float32,
             BJ=bj, BK=bk, num_warps=_NUM_WARPS,

@@ -17,10 +17,11 @@ with one row per sample, so a batch can be reproduced and its spatial part inver
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,30 @@ def uniform(
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
+_KEEP_ALIVE: list[list[torch.Tensor]] = []
+
+
+def cached(value: torch.Tensor) -> torch.Tensor:
+    """Return a cached tensor, kept alive by the CUDA graph being captured (if any).
+
+    A captured graph reads cached constants from their device memory at every replay; a
+    cache may later drop its entry, so :func:`keep_cached_alive` collects every cached
+    tensor a capture touches and the graph holds them.
+    """
+    if _KEEP_ALIVE:
+        _KEEP_ALIVE[-1].append(value)
+    return value
+
+
+@contextlib.contextmanager
+def keep_cached_alive() -> Iterator[list[torch.Tensor]]:
+    """Collect the cached tensors used inside the block (see :func:`cached`)."""
+    kept: list[torch.Tensor] = []
+    _KEEP_ALIVE.append(kept)
+    try:
+        yield kept
+    finally:
+        _KEEP_ALIVE.pop()
 
 
 def constant(values: Sequence[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -167,7 +192,7 @@ def constant(values: Sequence[Any], dtype: torch.dtype, device: torch.device | s
         if len(_CONSTANTS) > 4096:
             _CONSTANTS.clear()
         value = _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
-    return value
+    return cached(value)
 
 
 # --- batch view ----------------------------------------------------------------------------------
@@ -361,7 +386,10 @@ class BatchView:
         shape = tuple(int(s) for s in ref.shape[2:])
         dtype = next((x.dtype for x in self.images.values()), torch.float32)
         host = self._spacing(default_spacing, ref.shape[0], len(shape))
-        spacing = host.to(ref.device, non_blocking=True) if ref.device != host.device else host
+        if ref.device == host.device:
+            spacing = host
+        else:  # cached on the device: no copy per batch (and none inside a CUDA graph)
+            spacing = constant(host.tolist(), torch.float64, ref.device)
         self.info = BatchInfo(
             int(ref.shape[0]), shape, ref.device, dtype, spacing,
             host if host.device.type == "cpu" else None,

@@ -23,7 +23,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from synthlesion.augment.base import constant
+from synthlesion.augment.base import cached, constant
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
@@ -92,7 +92,7 @@ def interp_matrix(size: int, nodes: int, dtype: torch.dtype, device: torch.devic
         if len(_MATRIX_CACHE) > 256:
             _MATRIX_CACHE.clear()
         _MATRIX_CACHE[key] = m
-    return m
+    return cached(m)
 
 
 def upsample_partial(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -26,6 +26,7 @@ from synthlesion.augment.base import (
     Transform,
     as_axis_ranges,
     as_range,
+    cached,
     constant,
     uniform,
     where_applied,
@@ -61,6 +62,7 @@ class IntensityTransform(Transform):
     is_intensity = True
     fusable = True
     reduces = False  # reduces over the image (min/max, mean): starts a new compiled stage
+    neutral_is_identity = False  # apply_tensor with neutral() parameters returns x exactly
 
     def prepare(self, x: torch.Tensor, values: Values, key_index: int) -> dict[str, torch.Tensor]:
         """Random fields for one key (eager; default: none)."""
@@ -79,8 +81,12 @@ class IntensityTransform(Transform):
             if key not in view.images:
                 continue
             x = view.images[key]
-            out = self.apply_tensor(x, params.values, self.prepare(x, params.values, index))
-            view.set(key, where_applied(params.applied, out, x))
+            if self.neutral_is_identity:  # no blend: a pass over the batch saved
+                values = self.neutral(params.values, params.applied, view.info)
+                view.set(key, self.apply_tensor(x, values, self.prepare(x, values, index)))
+            else:
+                out = self.apply_tensor(x, params.values, self.prepare(x, params.values, index))
+                view.set(key, where_applied(params.applied, out, x))
 
     # random fields from per-sample seeds ----------------------------------------------------------
 
@@ -155,9 +161,18 @@ class RandGaussianNoise(IntensityTransform):
         if self.std[0] < 0:
             raise AugmentationError(f"std={std!r} must be >= 0", transform=self.name)
 
+    neutral_is_identity = True  # x + 0 * noise + 0
+
     def draw(self, info, generator):
         values = uniform(generator, [self.std, self.mean], info.batch_size, info.device)
         return {"std": values[:, 0], "mean": values[:, 1], "seed": self.draw_seeds(info, generator)}
+
+    def neutral(self, values, applied, info):
+        return {
+            **values,
+            "std": torch.where(applied, values["std"], 0),
+            "mean": torch.where(applied, values["mean"], 0),
+        }
 
     def prepare(self, x, values, key_index):
         return {"noise": self.noise(x, values["seed"], 2 * key_index)}
@@ -240,12 +255,14 @@ def polynomial_field(
         for e in exps:
             i = i * (order + 1) + e
         index.append(i)
-    if torch.compiler.is_compiling():  # constants are baked into the compiled graph
-        flat[:, torch.tensor(index, device=device)] = coefficients.to(work)
+    if torch.compiler.is_compiling():  # no host constants: each would be copied per call
+        column = dict(zip(index, coefficients.to(work).unbind(1), strict=True))
+        zero = flat[:, 0]
+        flat = torch.stack([column.get(i, zero) for i in range(flat.shape[1])], 1)
         powers = [_powers.__wrapped__(n, order, work, device) for n in shape]
     else:  # eager: cached on the device (no copy, no wait per call)
         flat[:, constant(index, torch.int64, device)] = coefficients.to(work)
-        powers = [_powers(n, order, work, device) for n in shape]
+        powers = [cached(_powers(n, order, work, device)) for n in shape]
     t = flat.view((batch,) + (order + 1,) * nd)
     for a in range(nd - 1, 0, -1):
         t = torch.movedim(torch.tensordot(t, powers[a], dims=([1 + a], [1])), -1, 1 + a)
@@ -263,8 +280,8 @@ def polynomial_field(
 @functools.lru_cache(maxsize=256)
 def _powers(n: int, order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(n, order + 1)``: ``u**k`` on ``n`` points spanning [-1, 1] (cached: read only)."""
-    u = torch.linspace(-1, 1, n, dtype=torch.float64)
-    return torch.stack([u**k for k in range(order + 1)], 1).to(device=device, dtype=dtype)
+    u = torch.linspace(-1, 1, n, dtype=torch.float64, device=device)
+    return torch.stack([u**k for k in range(order + 1)], 1).to(dtype)
 
 
 class RandBiasField(IntensityTransform):
@@ -300,6 +317,8 @@ class RandBiasField(IntensityTransform):
                 generator, [self.coefficients] * n, info.batch_size, info.device
             )
         }
+
+    neutral_is_identity = True  # x * exp(0)
 
     def neutral(self, values, applied, info):
         return {"coefficients": torch.where(applied[:, None], values["coefficients"], 0)}

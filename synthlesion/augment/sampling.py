@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synthlesion.augment.base import where_applied
 from synthlesion.augment.grid import PADDING_MODES, dense_grid
 
 SAMPLERS = ("auto", "torch", "native")
@@ -84,11 +85,13 @@ def prefers_native(source: torch.Tensor, mode: str) -> bool:
 
 def warp_sample(
     source: torch.Tensor, coarse: torch.Tensor, *, mode: str = "linear",
-    padding_mode: str = "border", sampler: str = "auto",
+    padding_mode: str = "border", sampler: str = "auto", applied: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Resample ``source`` ``(B, C, *spatial)`` on the coarse map ``(B, *nodes, d)``.
 
-    See the module docstring for the map and the samplers. Returns a new tensor of the
+    See the module docstring for the map and the samplers. ``applied`` (``(B,)`` bool)
+    leaves the samples where it is False unchanged (bit for bit; the Triton kernel copies
+    them in its pass, the other samplers blend afterwards). Returns a new tensor of the
     same shape, dtype and device.
     """
     if mode not in MODES:
@@ -114,10 +117,16 @@ def warp_sample(
             f"no fused kernel for a {source.dtype} batch on {source.device} in {mode} mode "
             "(numba on the CPU: float32/float64 images; Triton on CUDA); use sampler='auto'"
         )
+    if native and source.device.type != "cpu":
+        from synthlesion.augment._triton_warp import triton_warp_sample
+
+        return triton_warp_sample(
+            source, coarse, mode=mode, padding_mode=padding_mode, applied=applied
+        )
     if native:
-        if source.device.type == "cpu":
-            from synthlesion.augment._numba_warp import numba_warp_sample as kernel
-        else:
-            from synthlesion.augment._triton_warp import triton_warp_sample as kernel
-        return kernel(source, coarse, mode=mode, padding_mode=padding_mode)
-    return reference_warp_sample(source, coarse, mode=mode, padding_mode=padding_mode)
+        from synthlesion.augment._numba_warp import numba_warp_sample
+
+        out = numba_warp_sample(source, coarse, mode=mode, padding_mode=padding_mode)
+    else:
+        out = reference_warp_sample(source, coarse, mode=mode, padding_mode=padding_mode)
+    return out if applied is None else where_applied(applied, out, source)

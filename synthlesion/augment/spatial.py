@@ -27,6 +27,7 @@ from synthlesion.augment.base import (
     Transform,
     as_axis_ranges,
     as_keys,
+    cached,
     check_bound,
     constant,
     uniform,
@@ -330,12 +331,10 @@ class RandElastic(SpatialTransform):
         )
         if self.smoothing > 0:
             for a, c in enumerate(ctrl):
-                m = _smoothing_matrix(c, self.smoothing, dtype, device)
+                m = cached(_smoothing_matrix(c, self.smoothing, dtype, device))
                 field = torch.movedim(torch.tensordot(field, m, dims=([2 + a], [1])), -1, 2 + a)
         if self.lock_borders:
-            inner = torch.zeros_like(field)
-            inner[(slice(None), slice(None)) + (slice(1, -1),) * nd] = 1
-            field = field * inner
+            field = F.pad(field[(slice(None), slice(None)) + (slice(1, -1),) * nd], (1, 1) * nd)
         peak = field.abs().flatten(2).amax(-1).clamp_min(1e-12)  # (B, d)
         field = (
             field / peak.view(batch, nd, *([1] * nd)) * amp.to(dtype).view(batch, nd, *([1] * nd))
@@ -412,13 +411,13 @@ class RandFlip(SpatialTransform):
     def draw(self, info, generator):
         nd = info.spatial_dims
         axes = range(nd) if self.axes is None else self.axes
-        chosen = torch.zeros(nd, dtype=torch.bool, device=info.device)
         for a in axes:
             if not -nd <= a < nd:
                 raise AugmentationError(
                     f"axis {a} out of range for {nd}D data", transform=self.name
                 )
-            chosen[a % nd] = True
+        flipped = {a % nd for a in axes}
+        chosen = constant([a in flipped for a in range(nd)], torch.bool, info.device)
         u = torch.rand(
             (info.batch_size, nd), generator=generator, device=info.device, dtype=torch.float64
         )

@@ -27,7 +27,13 @@ Step = tuple[type, dict[str, torch.Tensor], torch.Tensor]
 
 
 def _exact_flips(tensors: dict[str, torch.Tensor], flips: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Flip each sample along its axes with ``torch.flip`` (bit-exact)."""
+    """Flip each sample along its axes with ``torch.flip`` (bit-exact).
+
+    On the CPU the samples are grouped by flip pattern; elsewhere reading the patterns
+    would wait for the device, so every axis is flipped and selected per sample there.
+    """
+    if flips.device.type != "cpu":
+        return {key: flip_per_axis(x, flips) for key, x in tensors.items()}
     patterns = flips.to(torch.uint8).cpu()
     out = {}
     for key, x in tensors.items():
@@ -40,6 +46,14 @@ def _exact_flips(tensors: dict[str, torch.Tensor], flips: torch.Tensor) -> dict[
             y[rows] = x[rows].flip(dims)
         out[key] = y
     return out
+
+
+def flip_per_axis(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, C, *spatial)`` flipped along axis ``a`` where ``flips[b, a]`` (no host
+    read of ``flips``: one flip and one selection per axis)."""
+    for a in range(flips.shape[1]):
+        x = torch.where(flips[:, a].view((-1,) + (1,) * (x.ndim - 1)), x.flip(2 + a), x)
+    return x
 
 
 def composite_voxel_grid(
@@ -112,19 +126,23 @@ def warp_tensors(
     maps: dict[torch.dtype, torch.Tensor] = {}  # the coarse map in the kernels' position dtype
 
     def resample(stack: torch.Tensor, mode: str, is_label: bool) -> torch.Tensor:
+        """``stack`` warped where applied, unchanged elsewhere."""
         if sampler == "native" or (sampler == "auto" and prefers_native(stack, mode)):
             padding = "zeros" if is_label else padding_mode
             # positions in float32 (float64 for float64 images), as the grid_sample path
             dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
             if dtype not in maps:
                 maps[dtype] = voxel.to(dtype)
-            return warp_sample(stack, maps[dtype], mode=mode, padding_mode=padding, sampler=sampler)
+            return warp_sample(stack, maps[dtype], mode=mode, padding_mode=padding,
+                               sampler=sampler, applied=applied)  # fmt: skip
         dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
         if dtype not in grids:
             grids[dtype] = dense_grid(voxel, info.spatial_shape, dtype)
         if is_label:
-            return sample_labels(stack, grids[dtype], voxel)
-        return sample_images(stack, grids[dtype], padding_mode, image_mode)
+            out = sample_labels(stack, grids[dtype], voxel)
+        else:
+            out = sample_images(stack, grids[dtype], padding_mode, image_mode)
+        return where_applied(applied, out, stack)
 
     image_mode_name = "linear" if image_mode == "bilinear" else "nearest"
     out_images: dict[str, torch.Tensor] = {}
@@ -139,9 +157,6 @@ def warp_tensors(
             sizes = [source[k].shape[1] for k in keys]
             for key, part in zip(keys, torch.split(result, sizes, 1), strict=True):
                 out[key] = part
-    for src, dst in ((images, out_images), (labels, out_labels)):
-        for key in dst:
-            dst[key] = where_applied(applied, dst[key], src[key])
     return out_images, out_labels
 
 
