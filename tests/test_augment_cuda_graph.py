@@ -90,6 +90,7 @@ def test_signature_holds_shapes_and_host_spacing() -> None:
 def test_graphs_beyond_the_limit_drop_the_oldest(monkeypatch, caplog) -> None:
     runner = CudaGraphRunner(lambda d: d, [], ("image", "label"), max_graphs=2)
     monkeypatch.setattr(runner, "_capture", lambda data: (data, _Graph(None, ())))
+    monkeypatch.setattr(CudaGraphRunner, "available", staticmethod(lambda: True))
     with caplog.at_level(logging.WARNING, logger="synthlesion.augment.cuda_graph"):
         for n in (20, 21, 22, 21):
             runner(scene(0, shape=(n, 22, 24)))

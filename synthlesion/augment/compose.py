@@ -124,9 +124,7 @@ class Compose:
 
     def __call__(self, data: Mapping[str, Any]) -> Any:
         if self._graphs is not None and self._graphs.applies(data):
-            if CudaGraphRunner.available():
-                return self._graphs(data)
-            self._graphs._warn("torch", f"PyTorch {torch.__version__} cannot capture generators")
+            return self._graphs(data)
         return self._run(data)
 
     def _run(self, data: Mapping[str, Any]) -> Any:

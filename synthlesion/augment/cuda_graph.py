@@ -127,6 +127,9 @@ class CudaGraphRunner:
         return (tuple(tensors), spacing)
 
     def __call__(self, data: Mapping[str, Any]) -> Any:
+        if not self.available():
+            self._warn("torch", f"PyTorch {torch.__version__} cannot capture its generators")
+            return self.run(data)
         key = self.signature(data)
         if key is None:
             self._warn("input", "a spacing that is not a host value (list, numpy, CPU tensor)")
