@@ -87,6 +87,19 @@ def test_signature_holds_shapes_and_host_spacing() -> None:
     assert runner.signature({**scene(0), "spacing": object()}) is None
 
 
+def test_cached_tensors_used_during_a_capture_are_kept_alive() -> None:
+    from synthlesion.augment.device_cache import constant, keep_cached_alive
+    from synthlesion.augment.grid import interp_matrix
+
+    with keep_cached_alive() as kept:
+        a = constant([1.0, 2.0], torch.float32, "cpu")
+        m = interp_matrix(7, 3, torch.float64, torch.device("cpu"))
+    assert interp_matrix(7, 3, torch.float64, torch.device("cpu")) is m  # made once
+    assert any(t is a for t in kept) and any(t is m for t in kept)
+    constant([3.0], torch.float32, "cpu")
+    assert len(kept) == 2  # nothing collected outside the block
+
+
 def test_graphs_beyond_the_limit_drop_the_oldest(monkeypatch, caplog) -> None:
     runner = CudaGraphRunner(lambda d: d, [], ("image", "label"), max_graphs=2)
     monkeypatch.setattr(runner, "_capture", lambda data: (data, _Graph(None, ())))

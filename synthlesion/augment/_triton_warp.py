@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from synthlesion.augment.base import constant
+from synthlesion.augment.device_cache import constant
 
 try:
     import triton

@@ -17,17 +17,17 @@ with one row per sample, so a batch can be reproduced and its spatial part inver
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from synthlesion.augment.device_cache import constant
 from synthlesion.errors import SynthlesionError
 
 logger = logging.getLogger(__name__)
@@ -149,50 +149,6 @@ def uniform(
     low = constant([r[0] for r in ranges], torch.float64, device)
     span = constant([r[1] - r[0] for r in ranges], torch.float64, device)
     return torch.addcmul(low, span, u)
-
-
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-_KEEP_ALIVE: list[list[torch.Tensor]] = []
-
-
-def cached(value: torch.Tensor) -> torch.Tensor:
-    """Return a cached tensor, kept alive by the CUDA graph being captured (if any).
-
-    A captured graph reads cached constants from their device memory at every replay; a
-    cache may later drop its entry, so :func:`keep_cached_alive` collects every cached
-    tensor a capture touches and the graph holds them.
-    """
-    if _KEEP_ALIVE:
-        _KEEP_ALIVE[-1].append(value)
-    return value
-
-
-@contextlib.contextmanager
-def keep_cached_alive() -> Iterator[list[torch.Tensor]]:
-    """Collect the cached tensors used inside the block (see :func:`cached`)."""
-    kept: list[torch.Tensor] = []
-    _KEEP_ALIVE.append(kept)
-    try:
-        yield kept
-    finally:
-        _KEEP_ALIVE.pop()
-
-
-def constant(values: Sequence[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A small read-only constant on ``device`` (from nested lists of numbers), made once
-    and cached.
-
-    ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the
-    device on every call; transforms run per batch, so their constants are cached instead.
-    Never modify the returned tensor in place.
-    """
-    key = (str(values), dtype, str(device))
-    value = _CONSTANTS.get(key)
-    if value is None:
-        if len(_CONSTANTS) > 4096:
-            _CONSTANTS.clear()
-        value = _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
-    return cached(value)
 
 
 # --- batch view ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from synthlesion.augment.base import APPLIED_KEY, SPACING_KEY, Transform, keep_cached_alive
+from synthlesion.augment.base import APPLIED_KEY, SPACING_KEY, Transform
+from synthlesion.augment.device_cache import keep_cached_alive
 
 logger = logging.getLogger(__name__)
 

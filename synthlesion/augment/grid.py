@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from synthlesion.augment.base import cached, constant
+from synthlesion.augment.device_cache import constant, device_cache
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
@@ -65,8 +64,9 @@ def physical_to_voxel(
     return points / spacing.view(view).to(points.dtype) + centre
 
 
-@lru_cache(maxsize=64)
-def _interp_matrix_cpu(size: int, nodes: int) -> torch.Tensor:
+@device_cache
+def interp_matrix(size: int, nodes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(size, nodes)`` linear interpolation weights (``align_corners=True`` semantics)."""
     if size == 1:
         u = torch.zeros(1, dtype=torch.float64)
     else:
@@ -77,22 +77,7 @@ def _interp_matrix_cpu(size: int, nodes: int) -> torch.Tensor:
     rows = torch.arange(size)
     m[rows, i0] = 1 - w
     m[rows, i0 + 1] += w
-    return m
-
-
-_MATRIX_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def interp_matrix(size: int, nodes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(size, nodes)`` linear interpolation weights (``align_corners=True`` semantics)."""
-    key = (size, nodes, dtype, str(device))
-    m = _MATRIX_CACHE.get(key)
-    if m is None:
-        m = _interp_matrix_cpu(size, nodes).to(device=device, dtype=dtype)
-        if len(_MATRIX_CACHE) > 256:
-            _MATRIX_CACHE.clear()
-        _MATRIX_CACHE[key] = m
-    return cached(m)
+    return m.to(device=device, dtype=dtype)
 
 
 def upsample_partial(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

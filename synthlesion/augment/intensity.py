@@ -8,7 +8,6 @@ its keys (as a MONAI dict transform does); noise fields differ between keys.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,10 @@ from synthlesion.augment.base import (
     Transform,
     as_axis_ranges,
     as_range,
-    cached,
-    constant,
     uniform,
     where_applied,
 )
+from synthlesion.augment.device_cache import constant, device_cache
 
 Values = Mapping[str, torch.Tensor]
 
@@ -262,7 +260,7 @@ def polynomial_field(
         powers = [_powers.__wrapped__(n, order, work, device) for n in shape]
     else:  # eager: cached on the device (no copy, no wait per call)
         flat[:, constant(index, torch.int64, device)] = coefficients.to(work)
-        powers = [cached(_powers(n, order, work, device)) for n in shape]
+        powers = [_powers(n, order, work, device) for n in shape]
     t = flat.view((batch,) + (order + 1,) * nd)
     for a in range(nd - 1, 0, -1):
         t = torch.movedim(torch.tensordot(t, powers[a], dims=([1 + a], [1])), -1, 1 + a)
@@ -277,7 +275,7 @@ def polynomial_field(
     return out.view(batch, 1, *shape).to(dtype)
 
 
-@functools.lru_cache(maxsize=256)
+@device_cache
 def _powers(n: int, order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(n, order + 1)``: ``u**k`` on ``n`` points spanning [-1, 1] (cached: read only)."""
     u = torch.linspace(-1, 1, n, dtype=torch.float64, device=device)

@@ -9,7 +9,6 @@ with nearest neighbour (values and dtype preserved); see :mod:`synthlesion.augme
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,11 +26,10 @@ from synthlesion.augment.base import (
     Transform,
     as_axis_ranges,
     as_keys,
-    cached,
     check_bound,
-    constant,
     uniform,
 )
+from synthlesion.augment.device_cache import constant, device_cache
 from synthlesion.augment.grid import PADDING_MODES, coord_dtype
 from synthlesion.augment.sampling import SAMPLERS
 from synthlesion.augment.warp import Step, warp_tensors, warp_view
@@ -237,7 +235,7 @@ class RandAffine(SpatialTransform):
         return torch.einsum("bij,b...j->b...i", a, points) + t.view(shape)
 
 
-@functools.lru_cache(maxsize=256)
+@device_cache
 def _smoothing_matrix(
     n: int, sigma: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -331,7 +329,7 @@ class RandElastic(SpatialTransform):
         )
         if self.smoothing > 0:
             for a, c in enumerate(ctrl):
-                m = cached(_smoothing_matrix(c, self.smoothing, dtype, device))
+                m = _smoothing_matrix(c, self.smoothing, dtype, device)
                 field = torch.movedim(torch.tensordot(field, m, dims=([2 + a], [1])), -1, 2 + a)
         if self.lock_borders:
             field = F.pad(field[(slice(None), slice(None)) + (slice(1, -1),) * nd], (1, 1) * nd)

@@ -127,15 +127,14 @@ def warp_tensors(
 
     def resample(stack: torch.Tensor, mode: str, is_label: bool) -> torch.Tensor:
         """``stack`` warped where applied, unchanged elsewhere."""
+        # positions in float32 (float64 for float64 images), for both samplers
+        dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
         if sampler == "native" or (sampler == "auto" and prefers_native(stack, mode)):
             padding = "zeros" if is_label else padding_mode
-            # positions in float32 (float64 for float64 images), as the grid_sample path
-            dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
             if dtype not in maps:
                 maps[dtype] = voxel.to(dtype)
             return warp_sample(stack, maps[dtype], mode=mode, padding_mode=padding,
                                sampler=sampler, applied=applied)  # fmt: skip
-        dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
         if dtype not in grids:
             grids[dtype] = dense_grid(voxel, info.spatial_shape, dtype)
         if is_label:
