@@ -83,12 +83,15 @@ def test_intensity_range_constraint():
 
 def test_bank_from_real_cases(tmp_path):
     mask = lesion_mask()
-    mask[2:4, 2:4, 2:4] = 1  # a second, separate lesion
+    mask[2:5, 2:5, 2:5] = 1  # a second, separate lesion
+    mask[20:22, 2:4, 2:4] = 1  # a speck of 8 voxels: not a lesion
     path = write_dataset(tmp_path / "ds", {"a": (ct_image(), mask), "b": (ct_image(), None)})
     bank = MaskBank.from_cases(load_cases(path))
     assert len(bank.lesions) == 2
     assert {lesion.source_case for lesion in bank.lesions} == {"a"}
     spacing = tuple(np.sqrt((AFFINE[:3, :3] ** 2).sum(0)))
     assert bank.lesions[0].spacing == pytest.approx(spacing)
-    assert sorted(bank.volumes_mm3()) == pytest.approx(sorted([8 * 2.5, lesion_mask().sum() * 2.5]))
+    assert sorted(bank.volumes_mm3()) == pytest.approx(
+        sorted([27 * 2.5, lesion_mask().sum() * 2.5])
+    )
     assert bank.draw(np.random.default_rng(0)) in bank.lesions

@@ -2,7 +2,14 @@
 
 CT is windowed in Hounsfield units (a fixed window, so HU keep their meaning across scans);
 MRI and other modalities without absolute units are scaled between two percentiles of the
-scan's foreground. Normalisation always happens before any augmentation.
+scan's foreground. Normalisation always happens before any augmentation. A scan of several
+channels (MRI sequences, CT phases) is normalised channel by channel.
+
+The scan's foreground (:func:`foreground_mask`) is defined once here and used by the
+normalisation, the checks and the placement of lesions: where the scan has a constant
+background (skull-stripped, z-scored MRI whose background is one exact value), every voxel that
+differs from it; otherwise CT above -500 HU, and other images above 5 % of their 99th
+percentile.
 """
 
 from __future__ import annotations
@@ -12,7 +19,63 @@ from typing import Literal
 
 import numpy as np
 
+from scipy import ndimage
+
 from synthlesion.errors import ConfigError
+
+CT_BODY_THRESHOLD_HU = -500.0
+OTHER_BODY_FRACTION = 0.05  # of the 99th percentile, for MRI and other non-CT images
+CONSTANT_BACKGROUND_SHARE = 0.5  # of the border voxels holding one exact value
+
+
+def background_value(image: np.ndarray) -> float | None:
+    """The scan's constant background value, when it has one.
+
+    The most frequent exact value on the faces of the grid, when at least half of the face
+    voxels hold it (skull-stripped or masked scans, z-scored scans with a constant background);
+    ``None`` for scans whose background is noise (raw MRI, CT air).
+
+    Args:
+        image: Voxel values, shape ``S`` (2D or 3D).
+    """
+    faces = np.concatenate(
+        [np.take(image, index, axis=axis).ravel() for axis in range(image.ndim) for index in (0, -1)]
+    )
+    if faces.size == 0:
+        return None
+    values, counts = np.unique(faces, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < CONSTANT_BACKGROUND_SHARE * faces.size:
+        return None
+    value = float(values[top])
+    return value if np.isfinite(value) else None
+
+
+def foreground_mask(image: np.ndarray, modality: str = "unknown", *, fill: bool = True) -> np.ndarray:
+    """Boolean map of the scan's foreground (the body, the head), shape ``S``.
+
+    Rules, in order: a constant background (:func:`background_value`) -> every voxel that
+    differs from it; CT -> above -500 HU; anything else -> above 5 % of the 99th percentile.
+    With ``fill``, holes (closed cavities: air in the bowel, ventricles at a threshold) are
+    filled slice by slice and in 3D.
+
+    Args:
+        image: Voxel values, shape ``S``; for several channels pass one (or the union of the
+            channels' masks).
+        modality: ``"CT"`` uses the HU rule when there is no constant background.
+        fill: Fill enclosed holes.
+    """
+    constant = background_value(image)
+    if constant is not None:
+        mask = image != constant
+    elif modality.upper() == "CT":
+        mask = image > CT_BODY_THRESHOLD_HU
+    else:
+        sample = image.ravel()[:: max(1, image.size // 500_000)]
+        mask = image > OTHER_BODY_FRACTION * float(np.percentile(sample, 99))
+    if fill and mask.any():
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
 
 
 @dataclass(frozen=True)
@@ -47,10 +110,15 @@ class IntensityNormaliser:
         return cls("percentile", percentiles=(0.5, 99.5))
 
     def range_of(self, image: np.ndarray) -> tuple[float, float]:
-        """The ``(low, high)`` image values that map to -1 and +1 for this ``image``."""
+        """The ``(low, high)`` image values that map to -1 and +1 for this ``image``.
+
+        Percentiles are taken over the foreground (:func:`foreground_mask`), so a constant
+        background (z-scored MRI) or an air margin does not pull the low end.
+        """
         if self.mode == "window":
             return float(self.window[0]), float(self.window[1])
-        values = image[image > 0] if np.any(image > 0) else image.ravel()
+        inside = foreground_mask(image, fill=False)
+        values = image[inside] if inside.any() else image.ravel()
         values = values.ravel()[:: max(1, values.size // 500_000)]
         low, high = np.percentile(values, self.percentiles)
         return float(low), float(max(high, low + 1e-6))

@@ -7,13 +7,20 @@ Three sources, one placement rule:
 * :func:`procedural_mask`: smoothly deformed ellipsoids, sizes drawn from the real lesions';
 * user masks, read from a file and checked against the target scan's grid.
 
-:class:`PlacementConstraint` says where a lesion may go: inside a tissue or organ label (or an
-intensity range), away from existing lesions and from the organ's border.
+:func:`placement_region` resolves where lesions may go in a scan (a user's region mask or label,
+else the organ labels, else the scan's foreground; never the whole volume);
+:class:`PlacementConstraint` keeps them away from existing lesions and from the region's border.
 """
 
 from __future__ import annotations
 
-from synthlesion.masks.placement import PlacementConstraint, PlacementError, place_mask
+from synthlesion.masks.placement import (
+    PlacementConstraint,
+    PlacementError,
+    PlacementRegion,
+    place_mask,
+    placement_region,
+)
 from synthlesion.masks.shapes import (
     BankLesion,
     MaskBank,
@@ -26,7 +33,9 @@ __all__ = [
     "MaskBank",
     "PlacementConstraint",
     "PlacementError",
+    "PlacementRegion",
     "jitter_mask",
     "place_mask",
+    "placement_region",
     "procedural_mask",
 ]

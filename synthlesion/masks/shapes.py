@@ -15,6 +15,12 @@ from scipy import ndimage
 
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image
+from synthlesion.masks.lesions import (
+    MIN_LESION_VOXELS,
+    ConnectedLesion,
+    class_depth_order,
+    connected_lesions,
+)
 from synthlesion.masks.placement import PlacementError
 from synthlesion.storage import sha256_file
 
@@ -23,15 +29,17 @@ MAX_ROTATION_DEG = 30.0  # beyond this a transplanted lesion no longer follows a
 
 @dataclass(frozen=True, eq=False)
 class BankLesion:
-    """One connected lesion cut from a real case.
+    """One connected lesion cut from a real case, with its sub-regions.
 
     Attributes:
-        patch: Boolean mask cropped to the lesion's bounding box, shape ``P``.
+        patch: uint8 class map cropped to the lesion's bounding box, shape ``P``: 0 outside,
+            ``k`` where the lesion holds its ``k``-th lesion class (one class for a plain
+            lesion; necrosis / edema / enhancing rim for a brain tumour).
         spacing: Voxel size of ``patch`` in mm.
         source_case: Case id it was cut from.
         source_patient: That case's patient id.
         mask_sha256: sha256 of the source mask file (provenance; reuse across splits is a guard).
-        volume_mm3: Lesion volume (area in mm^2 for 2D).
+        volume_mm3: Lesion volume, all sub-regions (area in mm^2 for 2D).
     """
 
     patch: np.ndarray
@@ -43,42 +51,63 @@ class BankLesion:
 
 
 class MaskBank:
-    """Real lesions from training cases, to transplant into other scans."""
+    """Real lesions from training cases, to transplant into other scans.
 
-    def __init__(self, lesions: Sequence[BankLesion]) -> None:
+    Args:
+        lesions: The lesions.
+        n_classes: K, the number of lesion classes of the patches.
+    """
+
+    def __init__(self, lesions: Sequence[BankLesion], n_classes: int = 1) -> None:
         if not lesions:
             raise PlacementError("the mask bank is empty: no lesion in the given cases")
         self.lesions = list(lesions)
+        self.n_classes = int(n_classes)
+        self._order: tuple[int, ...] | None = None
 
     @classmethod
-    def from_cases(cls, cases: Iterable[Case], *, min_voxels: int = 4) -> MaskBank:
-        """Cut every connected lesion (of each case's lesion labels) out of the cases' masks."""
+    def from_cases(
+        cls,
+        cases: Iterable[Case],
+        *,
+        lesion_labels: Sequence[int] | None = None,
+        min_voxels: int = MIN_LESION_VOXELS,
+    ) -> MaskBank:
+        """Cut every lesion (:func:`~synthlesion.masks.lesions.connected_lesions`: one connected
+        tumour with all its sub-regions, specks skipped) out of the cases' masks.
+
+        Args:
+            cases: Labelled cases (real, training split).
+            lesion_labels: Lesion label values in class order; ``None`` takes each case's own
+                (:attr:`Case.lesion_labels`).
+            min_voxels: Smaller components are specks, not lesions.
+        """
         lesions = []
+        n_classes = len(lesion_labels) if lesion_labels is not None else 1
         for case in cases:
             if case.mask is None:
                 continue
+            values = tuple(lesion_labels) if lesion_labels is not None else case.lesion_labels
+            n_classes = max(n_classes, len(values))
             mask = load_image(case.mask)
-            lesion = np.isin(mask.array, case.lesion_labels)
-            if not lesion.any():
-                continue
-            digest = sha256_file(case.mask)
-            components, _ = ndimage.label(lesion)
+            array = mask.array
+            if array.dtype.kind == "f":
+                array = np.rint(array).astype(np.int64)  # integer-valued float label maps
+            digest = None
             voxel = float(np.prod(mask.spacing))
-            for box_index, box in enumerate(ndimage.find_objects(components), start=1):
-                patch = components[box] == box_index
-                if patch.sum() < min_voxels:
-                    continue
+            for lesion in connected_lesions(array, values, min_voxels=min_voxels):
+                digest = digest or sha256_file(case.mask)
                 lesions.append(
                     BankLesion(
-                        patch,
+                        lesion.classes,
                         mask.spacing,
                         case.case_id,
                         case.patient_id,
                         digest,
-                        float(patch.sum()) * voxel,
+                        float(lesion.voxels) * voxel,
                     )
                 )
-        return cls(lesions)
+        return cls(lesions, n_classes)
 
     def volumes_mm3(self) -> np.ndarray:
         """Volumes of the bank's lesions (for drawing procedural sizes)."""
@@ -86,6 +115,22 @@ class MaskBank:
 
     def draw(self, rng: np.random.Generator) -> BankLesion:
         return self.lesions[int(rng.integers(len(self.lesions)))]
+
+    def class_order(self) -> tuple[int, ...]:
+        """Lesion classes from the outermost to the innermost, as the real lesions nest them."""
+        if self._order is None:
+            connected = [
+                ConnectedLesion(tuple(slice(0, n) for n in b.patch.shape), b.patch, 0)
+                for b in self.lesions
+            ]
+            self._order = class_depth_order(connected, self.n_classes)
+        return self._order
+
+    def draw_fractions(self, rng: np.random.Generator) -> np.ndarray:
+        """The class proportions of one real lesion, drawn at random (shape ``(K,)``)."""
+        patch = self.draw(rng).patch
+        counts = np.bincount(patch[patch > 0].astype(np.int64), minlength=self.n_classes + 1)
+        return counts[1 : self.n_classes + 1] / max(1, int(counts[1:].sum()))
 
 
 def jitter_mask(
@@ -99,10 +144,10 @@ def jitter_mask(
     elastic_mm: float = 1.0,
 ) -> np.ndarray:
     """Resample a lesion patch onto a target voxel size with a random rotation, scale and
-    elastic jitter, by nearest neighbour.
+    elastic jitter, by nearest neighbour (sub-region classes are carried over exactly).
 
     Args:
-        patch: Boolean lesion patch, shape ``P`` (2D or 3D).
+        patch: Boolean lesion patch or uint8 class map (0 outside), shape ``P`` (2D or 3D).
         source_spacing: ``patch`` voxel size in mm.
         target_spacing: Output voxel size in mm.
         rng: Draws the rotation (uniform in ``[-rotation_deg, rotation_deg]`` about each axis),
@@ -112,7 +157,8 @@ def jitter_mask(
         elastic_mm: Standard deviation of the smooth displacement, in mm.
 
     Returns:
-        Boolean patch on the target grid, cropped to its bounding box.
+        Patch on the target grid, cropped to its bounding box, of ``patch``'s dtype (boolean
+        or the same class values).
     """
     if abs(rotation_deg) > MAX_ROTATION_DEG:
         raise ValueError(
@@ -141,7 +187,7 @@ def jitter_mask(
     values = ndimage.map_coordinates(
         patch.astype(np.uint8), coords, order=0, mode="constant", cval=0
     )
-    out = values.reshape([2 * h + 1 for h in half_out]).astype(bool)
+    out = values.reshape([2 * h + 1 for h in half_out]).astype(patch.dtype)
     return _crop(out)
 
 
@@ -208,5 +254,5 @@ def _random_rotation(dims: int, max_angle: float, rng: np.random.Generator) -> n
 def _crop(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return mask
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = ndimage.find_objects((mask > 0).astype(np.uint8))[0]
     return mask[box].copy()

@@ -42,11 +42,11 @@ class Backend(nn.Module, ABC):
 
     @abstractmethod
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 1, *S) image in [-1, 1] -> (B, x0_channels, *(S // factor)) ``x0``."""
+        """(B, C, *S) image in [-1, 1] -> (B, x0_channels, *(S // factor)) ``x0``."""
 
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, x0_channels, *s) ``x0`` -> (B, 1, *S) image (not clamped)."""
+        """(B, x0_channels, *s) ``x0`` -> (B, C, *S) image (not clamped)."""
 
     @abstractmethod
     def prepare(self, inputs: ConditionInputs) -> PreparedCondition:

@@ -46,11 +46,11 @@ def make_context(image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """The real image with the region to fill blanked (the one definition of the context).
 
     Args:
-        image: (B, 1, *S) real image in [-1, 1].
-        region: (B, 1, *S) mask, 1 = region to fill.
+        image: (B, C, *S) real image in [-1, 1] (C image channels).
+        region: (B, 1, *S) mask, 1 = region to fill (the same region in every channel).
 
     Returns:
-        (B, 1, *S) ``image * (1 - region) + CONTEXT_FILL_VALUE * region``.
+        (B, C, *S) ``image * (1 - region) + CONTEXT_FILL_VALUE * region``.
     """
     return image * (1 - region) + CONTEXT_FILL_VALUE * region
 
@@ -207,7 +207,7 @@ class ConditionInputs:
     """A validated batch, at image resolution.
 
     Attributes:
-        image: (B, 1, *S) float image in [-1, 1].
+        image: (B, C, *S) float image in [-1, 1] (C = ``config.image_channels``).
         region: (B, 1, *S) region mask (image dtype).
         lesion: (B, K, *S) lesion mask (image dtype).
         class_labels: (B,) int64 or ``None`` when the model has no class embedding.
@@ -224,7 +224,7 @@ class ConditionInputs:
 
     @property
     def context(self) -> torch.Tensor:
-        """(B, 1, *S) the image with the region blanked (:func:`make_context`)."""
+        """(B, C, *S) the image with the region blanked (:func:`make_context`)."""
         return make_context(self.image, self.region)
 
 
@@ -266,7 +266,7 @@ def read_batch(
     """Validate a training/sampling batch (see the issue-4 contract) and move it to ``device``.
 
     Args:
-        batch: dict with "image" (B, 1, *S), "region" (B, 1, *S), "lesion" (B, K, *S), and
+        batch: dict with "image" (B, C, *S), "region" (B, 1, *S), "lesion" (B, K, *S), and
             "class_labels" (B,) / "attributes" (B, A) / "prompt" (B strings) when used.
         config: the model config (K, A, spatial dims, class embedding).
         device: where the model lives; ``None`` keeps the tensors where they are.
@@ -280,9 +280,11 @@ def read_batch(
     if not image.is_floating_point():
         raise BatchError(f"batch['image'] must be float, got {image.dtype}")
     n = config.spatial_dims
-    if image.ndim != n + 2 or image.shape[1] != 1:
+    c = config.image_channels
+    if image.ndim != n + 2 or image.shape[1] != c:
         raise BatchError(
-            f"batch['image'] must be (B, 1, *S) with {n} spatial dims, got {tuple(image.shape)}"
+            f"batch['image'] must be (B, {c}, *S) ({c} image channel(s)) with {n} spatial dims, "
+            f"got {tuple(image.shape)}"
         )
     bsz, spatial = image.shape[0], tuple(image.shape[2:])
     region = _tensor(batch, "region")

@@ -7,7 +7,9 @@ scheduler config; its noise schedule is kept, the training scheduler is a ``DDPM
 Only safetensors weights are ever loaded.
 
 Grayscale/HU images (already windowed to [-1, 1]) enter the VAE as float, repeated to its 3
-channels (never through 8-bit RGB); decoding averages the 3 output channels. Masks reach latent
+channels (never through 8-bit RGB); decoding averages the 3 output channels. Images of 2 or 3
+channels (MRI sequences, CT phases) are mapped onto the RGB input (:func:`to_vae_rgb`) and read
+back from it; more than 3 are refused (``ModelConfig`` check): use the pixel backend. Masks reach latent
 resolution by max-pooling (:func:`~synthlesion.models.conditioning.downsample_mask`).
 
 ``latent_inpaint``: the UNet is fine-tuned. Its input is, in the diffusers inpainting-pipeline
@@ -19,7 +21,7 @@ the new weights zero so the pretrained behaviour is unchanged at step 0. With
 ``controlnet``: ``ControlNetModel.from_unet(base_unet)`` on a FROZEN base UNet, which keeps the
 input it was trained with (``L``, ``2L + 1`` or ``2L + 1 + K + A`` channels, as above). The
 control image, at image resolution, is ``[region (1), lesion (K), attributes (A)]``, preceded
-by the context image (1) when the base UNet does not see the context latent. A class embedding,
+by the context image (C channels) when the base UNet does not see the context latent. A class embedding,
 if asked for and absent from the base, goes into the ControlNet only. The VAE and the text
 encoder are always frozen.
 """
@@ -102,6 +104,35 @@ def _load_components(config: ModelConfig, root: Path, with_controlnet: bool) -> 
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelFolderError(root, f"cannot load {sub}/: {exc}") from None
     return loaded
+
+
+def to_vae_rgb(image: torch.Tensor) -> torch.Tensor:
+    """Map C <= 3 image channels onto a VAE's 3 RGB input channels.
+
+    C = 1 is repeated (grey), C = 2 fills the third channel with the mean of the two, C = 3 is
+    used as it is. Values stay float in [-1, 1] (never 8-bit).
+
+    Args:
+        image: (B, C, H, W) with C in 1..3.
+
+    Returns:
+        (B, 3, H, W).
+    """
+    c = image.shape[1]
+    if c == 1:
+        return image.repeat(1, 3, 1, 1)
+    if c == 2:
+        return torch.cat([image, image.mean(dim=1, keepdim=True)], dim=1)
+    if c == 3:
+        return image
+    raise BatchError(f"a VAE takes at most 3 image channels, got {c}")
+
+
+def from_vae_rgb(rgb: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`to_vae_rgb`: (B, 3, H, W) -> (B, C, H, W); C = 1 averages the three."""
+    if channels == 1:
+        return rgb.mean(dim=1, keepdim=True)
+    return rgb[:, :channels]
 
 
 def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> None:
@@ -239,19 +270,22 @@ class LatentBackend(Backend):
 
     # ------------------------------------------------------------------------------ spaces
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 1, H, W) image in [-1, 1] -> (B, L, H / f, W / f) scaled VAE latents.
+        """(B, C, H, W) image in [-1, 1] -> (B, L, H / f, W / f) scaled VAE latents.
+
+        The C <= 3 image channels are mapped onto the VAE's RGB input by :func:`to_vae_rgb`.
 
         Args:
             image: float image; H and W divisible by the VAE factor f.
             generator: draws from the latent distribution when given; ``None`` takes its mode
                 (deterministic, used for the context).
         """
-        if image.ndim != 4 or image.shape[1] != 1 or any(s % self.factor for s in image.shape[2:]):
+        c = self.config.image_channels
+        if image.ndim != 4 or image.shape[1] != c or any(s % self.factor for s in image.shape[2:]):
             raise BatchError(
-                f"latent encode needs (B, 1, H, W) with H, W divisible by "
+                f"latent encode needs (B, {c}, H, W) with H, W divisible by "
                 f"{self.factor}, got {tuple(image.shape)}"
             )
-        x = image.to(self.vae.dtype).repeat(1, 3, 1, 1)
+        x = to_vae_rgb(image.to(self.vae.dtype))
         with torch.no_grad():
             dist = self.vae.encode(x).latent_dist
             z = dist.sample(generator=generator) if generator is not None else dist.mode()
@@ -259,10 +293,10 @@ class LatentBackend(Backend):
         return (z - shift) * self.vae.config.scaling_factor
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, L, h, w) scaled latents -> (B, 1, h * f, w * f) image (mean of 3 channels)."""
+        """(B, L, h, w) scaled latents -> (B, C, h * f, w * f) image (:func:`from_vae_rgb`)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.mean(dim=1, keepdim=True)
+        return from_vae_rgb(self.vae.decode(z).sample, self.config.image_channels)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -289,7 +323,7 @@ class LatentBackend(Backend):
         control = None
         if self.controlnet is not None:
             pieces = [inputs.region, inputs.lesion]
-            if self.unet_layout == "plain":
+            if self.unet_layout == "plain":  # C context channels
                 pieces.insert(0, inputs.context)
             if inputs.attributes is not None:
                 pieces.append(attribute_channels(inputs.attributes, inputs.image.shape[2:]))
@@ -442,7 +476,8 @@ def _make_controlnet(
         )
     cond_channels = 1 + config.lesion_classes + config.num_attributes
     if unet.config.in_channels == lat:
-        cond_channels += 1  # the base UNet does not see the context: the control image does
+        # the base UNet does not see the context: the control image does (C channels)
+        cond_channels += config.image_channels
     controlnet = ControlNetModel.from_unet(
         unet,
         conditioning_embedding_out_channels=tuple(channels),

@@ -242,7 +242,7 @@ class LesionDiffusionModel(nn.Module):
 
     # ----------------------------------------------------------------------------- sampling
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 1, *S) image in [-1, 1] -> (B, x0_channels, *(S // latent_factor)) ``x0``.
+        """(B, C, *S) image in [-1, 1] -> (B, x0_channels, *(S // latent_factor)) ``x0``.
 
         Identity in pixel space; scaled VAE latents (mode, or a sample when ``generator`` is
         given) in latent space.
@@ -250,7 +250,7 @@ class LesionDiffusionModel(nn.Module):
         return self.backend.encode(image.to(self.device, self.dtype), generator=generator)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, x0_channels, *s) ``x0`` -> (B, 1, *(s * latent_factor)) image (not clamped)."""
+        """(B, x0_channels, *s) ``x0`` -> (B, C, *(s * latent_factor)) image (not clamped)."""
         return self.backend.decode(x0.to(self.device, self.dtype))
 
     def prepare(self, batch: Mapping[str, Any]) -> PreparedCondition:

@@ -21,6 +21,9 @@ class ModelConfig:
             (fine-tuning a Stable-Diffusion-inpainting-layout checkpoint) or ``"controlnet"``
             (a ControlNet on a frozen base UNet of such a checkpoint). Latent backends are 2D.
         spatial_dims: 2 or 3.
+        image_channels: C, the image channels generated jointly (MRI sequences, CT phases;
+            1 for a single image). The pixel backend sees and predicts all C; the latent
+            backends map up to 3 channels onto the VAE's RGB input.
         lesion_classes: K, the number of lesion mask channels (>= 1).
         num_class_embeds: number of lesion classes for the class embedding; ``None`` = off.
         num_attributes: A, the number of scalar attributes (e.g. lesion volume fraction, mean
@@ -46,6 +49,7 @@ class ModelConfig:
 
     backend: Backend = "pixel"
     spatial_dims: int = 2
+    image_channels: int = 1
     lesion_classes: int = 1
     num_class_embeds: int | None = None
     num_attributes: int = 0
@@ -69,6 +73,8 @@ class ModelConfig:
         problems = []
         if self.spatial_dims not in (2, 3):
             problems.append(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.image_channels < 1:
+            problems.append(f"image_channels must be >= 1, got {self.image_channels}")
         if self.lesion_classes < 1:
             problems.append(f"lesion_classes must be >= 1, got {self.lesion_classes}")
         if self.num_class_embeds is not None and self.num_class_embeds < 1:
@@ -93,6 +99,11 @@ class ModelConfig:
         else:
             if self.spatial_dims != 2:
                 problems.append(f"backend {self.backend!r} is 2D only (spatial_dims: 2)")
+            if self.image_channels > 3:
+                problems.append(
+                    f"backend {self.backend!r} maps at most 3 image channels onto the VAE's RGB "
+                    f"input, got image_channels {self.image_channels}; use the pixel backend"
+                )
             if not self.pretrained_path:
                 problems.append(f"backend {self.backend!r} needs pretrained_path (a local folder)")
         if problems:

@@ -1,7 +1,9 @@
 """Pixel-space backend: a UNet on the image itself, 2D (diffusers or MONAI) or 3D (MONAI).
 
-UNet input, channel order: ``[x_t (1), context (1), region (1), lesion (K), attributes (A)]``,
-so ``in_channels = 3 + K + A``; output: 1 channel (epsilon or v).
+UNet input, channel order: ``[x_t (C), context (C), region (1), lesion (K), attributes (A)]``,
+so ``in_channels = 2C + 1 + K + A``; output: C channels (epsilon or v). All C image channels
+(MRI sequences, CT phases) are denoised jointly by one network, so a lesion is consistent in
+position and appearance across them.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from synthlesion.models.model_config import ModelConfig
 
 
 def pixel_in_channels(config: ModelConfig) -> int:
-    """UNet input channels: x_t, context, region, K lesion channels, A attribute channels."""
-    return 3 + config.lesion_classes + config.num_attributes
+    """UNet input channels: C x_t, C context, region, K lesion channels, A attribute channels."""
+    return 2 * config.image_channels + 1 + config.lesion_classes + config.num_attributes
 
 
 def make_pixel_unet(config: ModelConfig) -> nn.Module:
@@ -38,7 +40,7 @@ def make_pixel_unet(config: ModelConfig) -> nn.Module:
         return UNet2DModel(
             sample_size=config.sample_size,
             in_channels=in_channels,
-            out_channels=1,
+            out_channels=config.image_channels,
             block_out_channels=tuple(config.channels),
             layers_per_block=config.layers_per_block,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
@@ -50,7 +52,7 @@ def make_pixel_unet(config: ModelConfig) -> nn.Module:
     return DiffusionModelUNet(
         spatial_dims=config.spatial_dims,
         in_channels=in_channels,
-        out_channels=1,
+        out_channels=config.image_channels,
         num_res_blocks=config.layers_per_block,
         channels=tuple(config.channels),
         attention_levels=tuple(config.attention_levels),
@@ -85,15 +87,15 @@ class PixelBackend(Backend):
         self.unet = unet
 
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Identity: (B, 1, *S) -> (B, 1, *S)."""
+        """Identity: (B, C, *S) -> (B, C, *S)."""
         return image
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Identity: (B, 1, *S) -> (B, 1, *S)."""
+        """Identity: (B, C, *S) -> (B, C, *S)."""
         return x0
 
     def prepare(self, inputs: ConditionInputs) -> PreparedCondition:
-        """(B, 2 + K + A, *S) spatial conditioning: context, region, lesion, attributes."""
+        """(B, C + 1 + K + A, *S) spatial conditioning: context, region, lesion, attributes."""
         parts = [inputs.context, inputs.region, inputs.lesion]
         if inputs.attributes is not None:
             parts.append(attribute_channels(inputs.attributes, inputs.image.shape[2:]))
@@ -102,7 +104,7 @@ class PixelBackend(Backend):
     def forward(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: PreparedCondition
     ) -> torch.Tensor:
-        """(B, 1, *S) x_t, (B,) timesteps -> (B, 1, *S) prediction."""
+        """(B, C, *S) x_t, (B,) timesteps -> (B, C, *S) prediction."""
         x = torch.cat([noisy, cond.spatial.to(noisy.dtype)], dim=1)
         if isinstance(self.unet, UNet2DModel):
             return self.unet(x, timesteps, class_labels=cond.class_labels).sample
