@@ -76,6 +76,10 @@ class DataConfig:
         spacing: Voxel size in mm the scans are resampled to (one value per axis); ``None``
             keeps each scan's own spacing.
         roi_size: Crop size in voxels, one value per spatial axis (sets 2D/3D with the model).
+        slice_axis: For a 2D model on 3D scans: the RAS axis (0 = R-L, 1 = A-P, 2 = S-I, the
+            axial slices) the scans are cut along; 2D crops are drawn from those slices
+            (``spacing`` then gives the in-plane voxel size only). ``None``: scans have the
+            model's dimensions.
         intensity: Normalisation settings.
         lesion_labels: Label values that are lesions, in class order; ``None`` takes the
             labels whose names say lesion/tumour/nodule... (or every non-zero one).
@@ -109,6 +113,7 @@ class DataConfig:
     fold: int | None = None
     spacing: tuple[float, ...] | None = None
     roi_size: tuple[int, ...] = (64, 64)
+    slice_axis: int | None = None
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     lesion_labels: tuple[int, ...] | None = None
     organ_labels: tuple[int, ...] | None = None

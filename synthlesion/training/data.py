@@ -7,9 +7,14 @@ once (:mod:`synthlesion.training.preprocess`) and every training item is a crop 
 
 * lesion crops: centred (with jitter) on a connected lesion; region = the lesions in the crop
   dilated by ``region_dilation``; lesion = one channel per lesion class;
-* healthy crops (a ``healthy_fraction`` share): centred on healthy organ tissue far from any
-  lesion; region = a random blob inside the organ; lesion channels all zero ("fill with
-  healthy tissue", the self-supervised route).
+* healthy crops (a ``healthy_fraction`` share): centred on healthy tissue far from any
+  lesion; region = a random blob inside the placement region (organ labels, else the scan's
+  foreground); lesion channels all zero ("fill with healthy tissue", the self-supervised
+  route).
+
+Crops carry every image channel (MRI sequences, CT phases): ``image`` is ``(C, *roi)``. A 2D
+model can learn from 3D scans: with ``data.slice_axis`` the crops are 2D cuts along that RAS
+axis (through a lesion, or through healthy tissue), as 2D segmentation pipelines do.
 
 Item ``index`` of ``epoch`` is drawn with ``numpy.random.default_rng([seed, stream, epoch,
 index])``: the same seed gives the same crops whatever the number of DataLoader workers, two
@@ -62,6 +67,7 @@ class TrainingData:
         label_names: Name of each lesion class, in class order.
         record: Facts for the training record (hashes, patients, counts).
         modality: The train cases' modality (``CT``, ``MRI``...).
+        channel_names: Name of each image channel (``FLAIR``, ``T1``... from dataset.json).
     """
 
     train: list[PreparedCase]
@@ -71,10 +77,15 @@ class TrainingData:
     label_names: tuple[str, ...]
     record: dict[str, Any]
     modality: str = "unknown"
+    channel_names: tuple[str, ...] = ()
 
     @property
     def lesion_classes(self) -> int:
         return len(self.preprocessing.lesion_labels)
+
+    @property
+    def image_channels(self) -> int:
+        return self.preprocessing.channels
 
 
 def dataset_hash(path: Path, cases: Sequence[Case]) -> tuple[str, str]:
@@ -197,6 +208,22 @@ def load_training_data(
             f"{cfg.dataset}: train cases mix modalities {modalities}; train one model per modality"
         )
     modality = modalities[0]
+    channel_names = train[0].modalities
+    odd = [
+        f"{c.case_id} ({len(c.images)} channel(s) {list(c.modalities)})"
+        for c in train
+        if len(c.images) != len(train[0].images) or c.modalities != channel_names
+    ]
+    if odd:
+        raise TrainingDataError(
+            f"{cfg.dataset}: train cases differ in their image channels; {train[0].case_id} has "
+            f"{len(train[0].images)} {list(channel_names)}, but {', '.join(odd[:5])}"
+        )
+    if cfg.slice_axis is not None and spatial_dims != 2:
+        raise TrainingDataError(
+            f"data.slice_axis {cfg.slice_axis} cuts 3D scans into 2D slices: it needs a 2D model "
+            f"(model.spatial_dims 2), not {spatial_dims}D"
+        )
     pre = Preprocessing(
         spatial_dims=spatial_dims,
         spacing=tuple(cfg.spacing) if cfg.spacing is not None else None,
@@ -205,6 +232,9 @@ def load_training_data(
         organ_labels=organ_labels,
         healthy_margin=cfg.region_dilation + 1,
         tolerance_mm=cfg.tolerance_mm,
+        channels=len(train[0].images),
+        modality=modality,
+        slice_axis=cfg.slice_axis,
     )
     prepared = prepare_cases(train, pre, cache_dir=cfg.cache_dir, workers=cfg.preprocess_workers)
     n_lesions = sum(len(p.components) for p in prepared)
@@ -259,7 +289,9 @@ def load_training_data(
         n_lesions,
         source,
     )
-    return TrainingData(prepared, evaluation, source, pre, names, record, modality)
+    return TrainingData(
+        prepared, evaluation, source, pre, names, record, modality, tuple(channel_names)
+    )
 
 
 def _normaliser(cfg: DataConfig, modality: str) -> IntensityNormaliser:
@@ -289,6 +321,7 @@ class CropSpec:
     prompt: str | None
     label_names: tuple[str, ...]
     emit_is_synthetic: bool = False
+    slice_axis: int | None = None
 
 
 def crop_spec(cfg: DataConfig, data: TrainingData, num_class_embeds: int | None) -> CropSpec:
@@ -307,6 +340,7 @@ def crop_spec(cfg: DataConfig, data: TrainingData, num_class_embeds: int | None)
         prompt=cfg.prompt,
         label_names=data.label_names,
         emit_is_synthetic=any(p.origin == "synthetic" for p in data.train),
+        slice_axis=data.preprocessing.slice_axis,
     )
 
 
@@ -326,9 +360,12 @@ def _window(centre: Sequence[int], shape: Sequence[int], roi: Sequence[int]) -> 
 def _extract(
     array: np.ndarray, start: Sequence[int], roi: Sequence[int], fill: float
 ) -> np.ndarray:
-    out = np.full(tuple(roi), fill, dtype=array.dtype)
-    src, dst = [], []
-    for b, r, s in zip(start, roi, array.shape, strict=True):
+    """The crop ``[start, start + roi)`` of the last ``len(roi)`` axes (leading channel axes
+    kept), padded with ``fill`` outside the array."""
+    lead = array.shape[: array.ndim - len(roi)]
+    out = np.full((*lead, *roi), fill, dtype=array.dtype)
+    src, dst = [slice(None)] * len(lead), [slice(None)] * len(lead)
+    for b, r, s in zip(start, roi, array.shape[len(lead) :], strict=True):
         lo, hi = max(b, 0), min(b + r, s)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - b, lo - b + max(0, hi - lo)))
@@ -346,9 +383,42 @@ class CropMaker:
         self.healthy_cases = [i for i, c in enumerate(self.cases) if len(c.healthy_centres)]
         volumes = [comp.voxels * math.prod(c.spacing) for c in self.cases for comp in c.components]
         self.lesion_volumes = np.asarray(volumes or [1.0], dtype=float)
+        if spec.slice_axis is not None:  # 2D blobs: the area of a ball's central section
+            radius = (3 * self.lesion_volumes / (4 * math.pi)) ** (1 / 3)
+            self.lesion_volumes = math.pi * radius**2
         self.dilation = (
             _ball(spec.region_dilation, len(spec.roi_size)) if spec.region_dilation > 0 else None
         )
+        axis = spec.slice_axis
+        # the crop in the prepared scan's grid: a 2D cut is a 3D crop one voxel thick
+        self.grid_roi = (
+            tuple(spec.roi_size) if axis is None else (*spec.roi_size[:axis], 1, *spec.roi_size[axis:])
+        )
+
+    def _cut(
+        self, case: PreparedCase, centre: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """Image ``(C, *roi)``, labels and tissue ``roi`` around ``centre`` (a 2D cut along
+        the slice axis when set), and the crop's start in the scan's grid."""
+        start = _window(centre, case.labels.shape, self.grid_roi)
+        image = _extract(case.image, start, self.grid_roi, -1.0)
+        labels = _extract(case.labels, start, self.grid_roi, 0)
+        tissue = _extract(case.tissue, start, self.grid_roi, False)
+        axis = self.spec.slice_axis
+        if axis is not None:
+            plane = self._plane()
+            image, labels, tissue = image[(slice(None), *plane)], labels[plane], tissue[plane]
+        return image, labels, tissue, start
+
+    def _plane(self) -> tuple[Any, ...]:
+        axis = self.spec.slice_axis
+        return tuple(0 if a == axis else slice(None) for a in range(3))
+
+    def _crop_spacing(self, case: PreparedCase) -> tuple[float, ...]:
+        axis = self.spec.slice_axis
+        if axis is None:
+            return case.spacing
+        return tuple(s for a, s in enumerate(case.spacing) if a != axis)
 
     def draw(self, rng: np.random.Generator, healthy: bool | None = None) -> dict[str, Any]:
         """One crop dict (see the module docstring), as torch tensors."""
@@ -368,13 +438,15 @@ class CropMaker:
         case = self.cases[self.lesion_cases[int(rng.integers(len(self.lesion_cases)))]]
         comp = case.components[int(rng.integers(len(case.components)))]
         centre = []
-        for c, e, r in zip(comp.centre, comp.extent, roi, strict=True):
+        for axis, (c, e, r) in enumerate(zip(comp.centre, comp.extent, self.grid_roi, strict=True)):
+            if axis == spec.slice_axis:  # a slice through the lesion's middle half
+                half = e // 4
+                centre.append(c + (int(rng.integers(-half, half + 1)) if half else 0))
+                continue
             room = max(0, (r - e) // 2 - spec.region_dilation - 1)
             jitter = min(room, int(spec.center_jitter * r))
             centre.append(c + int(rng.integers(-jitter, jitter + 1)) if jitter else c)
-        start = _window(centre, case.image.shape, roi)
-        image = _extract(case.image, start, roi, -1.0)
-        labels = _extract(case.labels, start, roi, 0)
+        image, labels, _, _ = self._cut(case, centre)
         lesion = np.stack([labels == v for v in spec.lesion_labels]).astype(np.float32)
         any_lesion = lesion.max(axis=0) > 0
         region = (
@@ -390,21 +462,21 @@ class CropMaker:
         for attempt in range(6):
             case = self.cases[self.healthy_cases[int(rng.integers(len(self.healthy_cases)))]]
             centre = case.healthy_centres[int(rng.integers(len(case.healthy_centres)))]
-            start = _window(centre, case.image.shape, roi)
-            image = _extract(case.image, start, roi, -1.0)
-            labels = _extract(case.labels, start, roi, 0)
-            blob = self._blob(
-                rng, case.spacing, [c - s for c, s in zip(centre, start, strict=True)]
-            )
-            tissue = np.isin(labels, spec.organ_labels) if spec.organ_labels else image > -0.95
+            image, labels, tissue, start = self._cut(case, centre)
+            local = [c - s for a, (c, s) in enumerate(zip(centre, start, strict=True))
+                     if a != spec.slice_axis]  # fmt: skip
+            blob = self._blob(rng, self._crop_spacing(case), local)
             lesion_any = np.isin(labels, spec.lesion_labels)
             if lesion_any.any() and self.dilation is not None:
                 lesion_any = ndimage.binary_dilation(lesion_any, self.dilation)
             region = blob & tissue & ~lesion_any
             if region.sum() >= 0.5 * blob.sum() or (attempt == 5 and region.any()):
                 break
-        else:
-            region = blob & ~lesion_any
+        if not region.any():  # no healthy tissue in reach: never a blob outside the region
+            return self._lesion(rng) if self.lesion_cases else self._finish(
+                case, image, region, np.zeros((len(spec.lesion_labels), *roi), np.float32),
+                spec.healthy_class,
+            )  # fmt: skip
         lesion = np.zeros((len(spec.lesion_labels), *roi), np.float32)
         return self._finish(case, image, region, lesion, spec.healthy_class)
 
@@ -441,7 +513,7 @@ class CropMaker:
     ) -> dict[str, Any]:
         spec = self.spec
         item: dict[str, Any] = {
-            "image": torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "region": torch.from_numpy(region[None].astype(np.float32)),
             "lesion": torch.from_numpy(lesion),
             "case_id": case.case_id,
@@ -451,9 +523,9 @@ class CropMaker:
         if spec.attributes:
             inside = lesion.max(axis=0) > 0
             mask = inside if inside.any() else region
-            values = {
+            values = {  # the mean intensity is the first channel's
                 "volume_fraction": float(inside.mean()),
-                "mean_intensity": float(image[mask].mean()) if mask.any() else 0.0,
+                "mean_intensity": float(image[0][mask].mean()) if mask.any() else 0.0,
             }
             item["attributes"] = torch.tensor(
                 [values[a] for a in spec.attributes], dtype=torch.float32

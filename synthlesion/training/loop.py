@@ -117,6 +117,11 @@ def _check_compatible(config: TrainConfig, model_config: ModelConfig, data: Trai
             f"{len(config.data.roi_size)} values; the model is "
             f"{model_config.spatial_dims}D"
         )
+    if model_config.image_channels != data.image_channels:
+        problems.append(
+            f"model.image_channels is {model_config.image_channels} but the dataset's cases have "
+            f"{data.image_channels} image channel(s) {list(data.channel_names)}"
+        )
     if model_config.lesion_classes != data.lesion_classes:
         problems.append(
             f"model.lesion_classes is {model_config.lesion_classes} but the dataset "

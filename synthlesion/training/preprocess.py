@@ -1,11 +1,12 @@
 """From a case on disk to cached, training-ready arrays.
 
-Each case is read once, fully; its mask checked (whole label values, declared labels only);
-image and mask are turned to RAS (axes reordered and flipped, the affine adjusted, as nibabel's
+Each case is read once, fully, every channel (MRI sequences, CT phases) included; its mask
+checked (whole label values, declared labels only); image channels and mask are turned to RAS (axes reordered and flipped, the affine adjusted, as nibabel's
 ``as_closest_canonical``), resampled to the configured spacing (image linear, mask nearest,
-with the label set re-checked after every spatial step) and the image is normalised to
-[-1, 1] per modality (CT: a HU window; MRI and others: percentiles) before anything random
-happens. The result, a :class:`PreparedCase`, is kept in memory and optionally on disk as
+with the label set re-checked after every spatial step) and every channel is normalised on its
+own to [-1, 1] (CT: a HU window; MRI and others: percentiles of the foreground) before anything
+random happens. The region healthy-tissue blobs may take is the placement rule of
+:func:`synthlesion.masks.placement_region` (organ labels, else the scan's foreground). The result, a :class:`PreparedCase`, is kept in memory and optionally on disk as
 safetensors, so a training step never pays for reading or resampling a scan.
 """
 
@@ -27,12 +28,14 @@ from synthlesion.data.cases import Case
 from synthlesion.data.intensity import IntensityNormaliser
 from synthlesion.data.io import load_image
 from synthlesion.data.volume import Volume, require_same_geometry
-from synthlesion.errors import ImageReadError, LabelError
+from synthlesion.errors import GeometryError, ImageReadError, LabelError
+from synthlesion.masks.lesions import connected_lesions
+from synthlesion.masks.placement import PlacementError, placement_region
 from synthlesion.storage import atomic_write_bytes, canonical_json_hash
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "synthlesion-prepared/1"
+CACHE_FORMAT = "synthlesion-prepared/2"
 MAX_HEALTHY_CENTRES = 4096
 
 
@@ -46,10 +49,14 @@ class Preprocessing:
         intensity: The one normaliser of the run (CT window or MRI percentiles to [-1, 1]),
             applied before anything random happens.
         lesion_labels: Label values that are lesions, in class order.
-        organ_labels: Label values of the tissue healthy blobs are placed in; empty means "the
-            body" (image above the bottom of the window).
+        organ_labels: Label values of the tissue healthy blobs are placed in; empty means the
+            scan's foreground (:func:`synthlesion.masks.placement_region`).
         healthy_margin: Distance in voxels a healthy blob centre keeps from any lesion.
         tolerance_mm: Largest image/mask geometry difference accepted.
+        channels: C, the image channels every case must have (MRI sequences, CT phases).
+        modality: The cases' modality (``CT`` picks the HU body rule for the foreground).
+        slice_axis: For a 2D model trained on 3D scans: the RAS axis (0, 1 or 2) the scans are
+            cut along into 2D slices; ``None`` when scans and model have the same dimensions.
     """
 
     spatial_dims: int
@@ -59,6 +66,9 @@ class Preprocessing:
     organ_labels: tuple[int, ...]
     healthy_margin: int
     tolerance_mm: float = 1e-3
+    channels: int = 1
+    modality: str = "unknown"
+    slice_axis: int | None = None
 
     def key(self) -> dict:
         return {
@@ -69,6 +79,9 @@ class Preprocessing:
             "lesion_labels": list(self.lesion_labels),
             "organ_labels": list(self.organ_labels),
             "healthy_margin": self.healthy_margin,
+            "channels": self.channels,
+            "modality": self.modality,
+            "slice_axis": self.slice_axis,
         }
 
 
@@ -95,12 +108,14 @@ class PreparedCase:
 
     Attributes:
         case_id, patient_id, origin: From the :class:`Case`.
-        image: float32, shape ``S`` (RAS axis order), values in [-1, 1].
+        image: float32, shape ``(C, *S)`` (RAS axis order), each channel in [-1, 1].
         labels: Integer label map, shape ``S``, values within the case's label set.
         spacing: Voxel size in mm.
-        components: Connected lesions.
+        components: Connected lesions (tumours with their sub-regions; specks skipped).
         healthy_centres: int64 ``(M, spatial_dims)`` voxel indices in healthy tissue, far from
             any lesion (at most 4096, drawn with a seed fixed by the case id).
+        tissue: Boolean map, shape ``S``: where healthy-tissue blobs may go (the placement
+            region: organ labels, else the scan's foreground).
     """
 
     case_id: str
@@ -111,6 +126,7 @@ class PreparedCase:
     spacing: tuple[float, ...]
     components: tuple[LesionComponent, ...]
     healthy_centres: np.ndarray
+    tissue: np.ndarray
 
     @property
     def has_lesion(self) -> bool:
@@ -245,98 +261,116 @@ def as_label_map(volume: Volume, label_set: Sequence[int]) -> Volume:
 
 
 def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
-    """Read, check, orient, resample and normalise one case.
+    """Read, check, orient, resample and normalise one case (every channel).
 
     Raises:
-        ImageReadError: unreadable image, non-finite voxels, no mask.
-        GeometryError: image and mask grids disagree.
+        ImageReadError: unreadable image, non-finite voxels, no mask, a missing channel.
+        GeometryError: channels or image and mask disagree on the grid.
         LabelError: a bad mask.
     """
     if case.mask is None:
         raise ImageReadError(
             case.image, f"case {case.case_id} has no mask; training needs one", "no_mask"
         )
-    if len(case.images) > 1:
-        logger.info(
-            "case %s: %d channels; training uses the first (%s)",
-            case.case_id,
-            len(case.images),
-            case.image,
-        )
-    image = load_image(case.image, spatial_dims=pre.spatial_dims)
-    mask = load_image(case.mask, spatial_dims=pre.spatial_dims)
-    require_same_geometry(image, mask, pre.tolerance_mm)
-    bad = int(np.count_nonzero(~np.isfinite(image.array))) if image.array.dtype.kind == "f" else 0
-    if bad:
+    if len(case.images) != pre.channels:
         raise ImageReadError(
-            case.image, f"case {case.case_id}: {bad} NaN/Inf voxel(s)", "nonfinite"
+            case.image,
+            f"case {case.case_id} has {len(case.images)} image channel(s), the run "
+            f"{pre.channels}",
+            "channels",
         )
+    read_dims = 3 if pre.slice_axis is not None else pre.spatial_dims
+    channels = [load_image(path, spatial_dims=read_dims) for path in case.images]
+    for volume in channels:
+        bad = int(np.count_nonzero(~np.isfinite(volume.array))) if volume.array.dtype.kind == "f" else 0
+        if bad:
+            raise ImageReadError(
+                volume.source or case.image,
+                f"case {case.case_id}: {bad} NaN/Inf voxel(s)",
+                "nonfinite",
+            )
+    for volume in channels[1:]:
+        try:
+            require_same_geometry(channels[0], volume, pre.tolerance_mm)
+        except GeometryError as exc:
+            raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
+    mask = load_image(case.mask, spatial_dims=read_dims)
+    require_same_geometry(channels[0], mask, pre.tolerance_mm)
     label_set = sorted(case.labels)
     mask = as_label_map(mask, label_set)
-    image, mask = to_ras(image), to_ras(mask)
+    channels, mask = [to_ras(v) for v in channels], to_ras(mask)
     require_label_map(mask.array, label_set, f"{case.mask} (after reorientation)")
     if pre.spacing is not None:
-        image = resample(image, pre.spacing, is_mask=False)
-        mask = resample(mask, pre.spacing, is_mask=True, label_set=label_set)
-    array = pre.intensity.normalise(image.array).astype(np.float32, copy=False)
+        spacing = pre.spacing
+        if pre.slice_axis is not None:  # in-plane spacing only; slices stay as they are
+            spacing = list(channels[0].spacing)
+            inplane = [a for a in range(3) if a != pre.slice_axis]
+            for axis, value in zip(inplane, pre.spacing, strict=True):
+                spacing[axis] = value
+        channels = [resample(v, spacing, is_mask=False) for v in channels]
+        mask = resample(mask, spacing, is_mask=True, label_set=label_set)
+    array = np.stack(
+        [pre.intensity.normalise(v.array).astype(np.float32, copy=False) for v in channels]
+    )
     labels = np.ascontiguousarray(mask.array)
+    try:
+        tissue = placement_region(
+            labels,
+            channels[0].array,
+            organ_labels=pre.organ_labels,
+            lesion_labels=pre.lesion_labels,
+            modality=pre.modality,
+            where=f"{case.image} (case {case.case_id})",
+        ).mask
+    except PlacementError:
+        tissue = np.zeros(labels.shape, dtype=bool)
     components = find_components(labels, pre.lesion_labels)
-    centres = healthy_centres(array, labels, pre, case.case_id)
+    centres = healthy_centres(tissue, labels, pre, case.case_id)
     return PreparedCase(
         case.case_id,
         case.patient_id,
         case.origin,
         np.ascontiguousarray(array),
         labels,
-        tuple(float(s) for s in image.spacing),
+        tuple(float(s) for s in mask.spacing),
         components,
         centres,
+        np.ascontiguousarray(tissue),
     )
 
 
 def find_components(
     labels: np.ndarray, lesion_labels: Sequence[int]
 ) -> tuple[LesionComponent, ...]:
-    """Connected lesions of a label map (face connectivity)."""
-    lesion = np.isin(labels, lesion_labels)
-    if not lesion.any():
-        return ()
-    components, count = ndimage.label(lesion)
+    """Connected lesions of a label map: each tumour with all its sub-regions, specks skipped
+    (:func:`synthlesion.masks.lesions.connected_lesions`)."""
     result = []
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None:
-            continue
-        inside = components[box] == index
-        coords = np.argwhere(inside)
+    for lesion in connected_lesions(labels, lesion_labels):
+        coords = np.argwhere(lesion.mask)
         centre = tuple(
-            int(round(c + s.start)) for c, s in zip(coords.mean(axis=0), box, strict=True)
+            int(round(c + s.start)) for c, s in zip(coords.mean(axis=0), lesion.box, strict=True)
         )
-        values, counts = np.unique(labels[box][inside], return_counts=True)
-        main_label = int(values[np.argmax(counts)])
         result.append(
             LesionComponent(
                 centre,
-                tuple(int(s.stop - s.start) for s in box),
-                int(inside.sum()),
-                list(lesion_labels).index(main_label),
+                tuple(int(s.stop - s.start) for s in lesion.box),
+                lesion.voxels,
+                lesion.main_class - 1,
             )
         )
-    del count
     return tuple(result)
 
 
 def healthy_centres(
-    image: np.ndarray, labels: np.ndarray, pre: Preprocessing, case_id: str
+    tissue: np.ndarray, labels: np.ndarray, pre: Preprocessing, case_id: str
 ) -> np.ndarray:
-    """Voxels of healthy tissue at least ``healthy_margin`` voxels from any lesion.
+    """Voxels of ``tissue`` (the placement region) at least ``healthy_margin`` voxels from any
+    lesion.
 
     The distance to lesions is computed only in boxes around each lesion, so memory stays a
     few bytes per voxel however large the scan.
     """
-    if pre.organ_labels:
-        tissue = np.isin(labels, pre.organ_labels)
-    else:
-        tissue = image > -0.95  # the body: above the bottom of the window
+    tissue = tissue.copy()
     lesion = np.isin(labels, pre.lesion_labels)
     tissue &= ~lesion
     margin = pre.healthy_margin
@@ -395,7 +429,7 @@ def prepare_cases(
 
 def _cache_key(case: Case, pre: Preprocessing) -> str:
     files = []
-    for path in (case.image, case.mask):
+    for path in (*case.images, case.mask):
         stat = os.stat(path) if path is not None else None
         files.append(
             [
@@ -423,6 +457,7 @@ def _save_cached(path: Path, prepared: PreparedCase) -> None:
             "image": prepared.image,
             "labels": prepared.labels,
             "healthy_centres": prepared.healthy_centres,
+            "tissue": prepared.tissue.astype(np.uint8),
         },
         metadata=meta,
     )
@@ -436,7 +471,9 @@ def _load_cached(path: Path, case: Case) -> PreparedCase:
         meta: Mapping[str, str] = handle.metadata() or {}
         if meta.get("format") != CACHE_FORMAT or meta.get("case_id") != case.case_id:
             raise ValueError("not a cache file of this case")
-        arrays = {k: handle.get_tensor(k) for k in ("image", "labels", "healthy_centres")}
+        arrays = {
+            k: handle.get_tensor(k) for k in ("image", "labels", "healthy_centres", "tissue")
+        }
     components = tuple(
         LesionComponent(tuple(c), tuple(e), int(v), int(k))
         for c, e, v, k in json.loads(meta["components"])
@@ -450,4 +487,5 @@ def _load_cached(path: Path, case: Case) -> PreparedCase:
         tuple(json.loads(meta["spacing"])),
         components,
         arrays["healthy_centres"],
+        arrays["tissue"].astype(bool),
     )
