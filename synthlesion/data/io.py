@@ -17,7 +17,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
-from synthlesion.data.volume import Volume
+from synthlesion.data.volume import Volume, align_to_grid, header_with_affine
 from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.storage import atomic_write_bytes
 
@@ -140,8 +140,12 @@ def load_nifti(
 def save_image(volume: Volume, path: str | Path, *, compresslevel: int = 6) -> Path:
     """Write ``volume`` as NIfTI atomically, keeping affine, header fields and dtype.
 
-    The gzip stream is written with a zero timestamp, so equal volumes give equal bytes
-    (and equal sha256 hashes in manifests).
+    The header is the volume's own, as it was read: the qform and sform codes are kept (a
+    qform code 0 stays 0, a sform code 2 or 4 stays 2 or 4) and both forms are rewritten with
+    ``volume.affine`` (see :func:`~synthlesion.data.volume.header_with_affine`, which also says
+    when a code has to change: no header at all gives codes 1/1). Scale factors are cleared,
+    since the array holds true values. The gzip stream is written with a zero timestamp, so
+    equal volumes give equal bytes (and equal sha256 hashes in manifests).
 
     Args:
         volume: What to write; its array dtype is kept (int16 stays int16).
@@ -154,22 +158,53 @@ def save_image(volume: Volume, path: str | Path, *, compresslevel: int = 6) -> P
     path = Path(path)
     if not is_nifti(path):
         raise ImageReadError(path, "can only write .nii or .nii.gz files")
-    header = volume.header.copy() if volume.header is not None else nib.Nifti1Header()
-    if not isinstance(header, nib.Nifti1Header):
-        header = nib.Nifti1Header.from_header(header)
-    image = nib.Nifti1Image(volume.array, volume.affine, header)
-    image.set_data_dtype(volume.array.dtype)
+    header = header_with_affine(volume.header, volume.affine, volume.shape)
+    header.set_data_dtype(volume.array.dtype)
     # Our array holds true values; never let a stale scale factor rescale them on write.
-    image.header.set_slope_inter(None, None)
-    qcode = int(header["qform_code"]) or 1
-    scode = int(header["sform_code"]) or 1
-    image.set_qform(volume.affine, code=qcode)
-    image.set_sform(volume.affine, code=scode)
+    header.set_slope_inter(None, None)
+    # No affine argument: the header already holds it under its own codes, and nibabel would
+    # otherwise rewrite them (sform 'aligned', qform 'unknown') on any float32 rounding.
+    image = nib.Nifti1Image(volume.array, None, header)
     raw = image.to_bytes()
     if str(path).lower().endswith(".gz"):
         raw = gzip.compress(raw, compresslevel=compresslevel, mtime=0)
     atomic_write_bytes(path, raw)
     return path
+
+
+def load_mask_for(
+    image: Volume,
+    mask_path: str | Path,
+    tolerance_mm: float = 1e-3,
+    *,
+    on_form_mismatch: FormMismatchPolicy = "error",
+) -> Volume:
+    """Read a case's mask onto its image's voxel grid: the one way to read a mask.
+
+    The mask may be stored in another axis order or with flipped axes (image LPS, mask RAS)
+    and, for a 2D image ``(X, Y)``, as ``(X, Y, 1)`` (or the reverse): its voxels are then
+    rearranged exactly onto the image grid (see
+    :func:`~synthlesion.data.volume.align_to_grid`; no interpolation, values never change).
+
+    Args:
+        image: The case's image (its first channel), shape ``(X, Y)`` or ``(X, Y, Z)``.
+        mask_path: The label map file (NIfTI or DICOM folder).
+        tolerance_mm: Largest spacing/origin difference (mm) and direction difference (mm per
+            voxel) between the two grids; also the qform/sform tolerance of the mask file.
+        on_form_mismatch: See :func:`load_image`.
+
+    Returns:
+        The mask with ``image.shape`` and ``image.affine``; the very volume read when it is
+        already on the image grid. ``meta["stored_axis_order"]`` says how it was stored when
+        axes were permuted or flipped.
+
+    Raises:
+        ImageReadError: The mask file cannot be read or has more than 3 dimensions.
+        GeometryError: The mask's grid is not the image's grid in any axis order; the message
+            names both files and each difference.
+    """
+    mask = load_image(mask_path, on_form_mismatch=on_form_mismatch, form_tolerance_mm=tolerance_mm)
+    return align_to_grid(image, mask, tolerance_mm)
 
 
 def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) -> float | None:

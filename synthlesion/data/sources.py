@@ -73,13 +73,31 @@ def load_cases(
 def load_decathlon(
     path: str | Path, *, patient_pattern: str | None = None, key: str = "training"
 ) -> list[Case]:
-    """Read an MSD- or nnU-Net-v2-style ``dataset.json``.
+    """Read an MSD-, nnU-Net-v1- or nnU-Net-v2-style ``dataset.json``.
 
     Understands MSD fields (``modality``, ``labels`` as ``{"0": "background"}``, a ``training``
     list of ``{"image", "label"}`` entries whose image may be a list of channels) and nnU-Net v2
     fields (``channel_names``, ``labels`` as ``{"background": 0}``, ``file_ending`` with files
     found as ``imagesTr/{case}_0000{ending}`` and ``labelsTr/{case}{ending}``). Entries may carry
     ``case_id``, ``patient_id`` and ``has_lesion``.
+
+    Image paths of an entry are resolved as follows:
+
+    * a list names the channels, one file each, used as given;
+    * one path that exists is one file: a single channel, or an MSD 4D file holding every
+      channel along a 4th axis (kept as one path, the reader handles the 4th axis);
+    * one path that does not exist while ``{stem}_0000{ending}`` does (nnU-Net v1: the list
+      names ``./imagesTr/X.nii.gz``, the disk holds ``imagesTr/X_0000.nii.gz``,
+      ``X_0001.nii.gz``...): the channel files ``_0000`` ... ``_{C-1}`` with ``C`` the number of
+      entries in ``modality``/``channel_names`` (when neither is given: the run of consecutive
+      files found). Every channel file is required.
+
+    Every case records the channel names (``modality`` or ``channel_names``) in
+    ``Case.modalities``, all of them also when one 4D file holds them.
+
+    Raises:
+        CaseSourceError: Unreadable or malformed JSON, an entry without image, an nnU-Net
+            case missing one of its channel files (naming the case and the file).
     """
     path = Path(path)
     root = path.parent
@@ -96,7 +114,7 @@ def load_decathlon(
     ending = spec.get("file_ending", ".nii.gz")
     entries = spec.get(key)
     if entries is None and key == "training":
-        entries = _scan_nnunet_folder(root, ending, len(modalities) or 1)
+        entries = _scan_nnunet_folder(root, ending, len(modalities) or 1, path)
     if not isinstance(entries, list):
         raise CaseSourceError(f"{path}: '{key}' must be a list of cases")
     cases = []
@@ -104,11 +122,17 @@ def load_decathlon(
         where = f"{path} entry {index}"
         if not isinstance(entry, Mapping) or "image" not in entry:
             raise CaseSourceError(f"{where}: each entry needs an 'image'")
-        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        image_paths = [_resolve(root, p, where) for p in images]
         label = entry.get("label")
         mask = _resolve(root, label, where) if label else None
+        if isinstance(entry["image"], list):
+            image_paths = [_resolve(root, p, where) for p in entry["image"]]
+        else:
+            image_paths = [_resolve(root, entry["image"], where)]
         case_id = str(entry.get("case_id") or _case_id_from(mask or image_paths[0], ending))
+        if not isinstance(entry["image"], list):
+            image_paths = _nnunet_v1_channels(
+                image_paths[0], ending, len(modalities), where, case_id
+            )
         patient = entry.get("patient_id")
         cases.append(
             Case(
@@ -119,9 +143,7 @@ def load_decathlon(
                 images=tuple(image_paths),
                 mask=mask,
                 modality=modalities[0] if modalities else "unknown",
-                modalities=tuple(modalities[: len(image_paths)])
-                if len(modalities) >= len(image_paths)
-                else (),
+                modalities=_entry_modalities(modalities, image_paths),
                 labels=labels,
                 origin="synthetic" if entry.get("origin") == "synthetic" else "real",
                 provenance={"source": str(path), "entry": index},
@@ -132,7 +154,45 @@ def load_decathlon(
     return cases
 
 
-def _scan_nnunet_folder(root: Path, ending: str, n_channels: int) -> list[dict[str, Any]]:
+def _nnunet_v1_channels(
+    image: Path, ending: str, n_modalities: int, where: str, case_id: str
+) -> list[Path]:
+    """The files of one entry's single image path (see :func:`load_decathlon`)."""
+    if image.exists():
+        return [image]
+    stem = _strip_ending(image.name, ending)
+    suffix = image.name[len(stem) :]
+    first = image.with_name(f"{stem}_0000{suffix}")
+    if not first.exists():
+        return [image]  # missing either way: `synthlesion check` reports the named file
+    if n_modalities:
+        channels = [image.with_name(f"{stem}_{c:04d}{suffix}") for c in range(n_modalities)]
+        missing = [p for p in channels if not p.exists()]
+        if missing:
+            raise CaseSourceError(
+                f"{where} (case {case_id}): {image.name} is stored per channel as "
+                f"{stem}_0000{suffix}...; channel file(s) missing: "
+                + ", ".join(str(p) for p in missing)
+                + f" (dataset.json declares {n_modalities} channel(s))"
+            )
+        return channels
+    channels = []
+    while image.with_name(f"{stem}_{len(channels):04d}{suffix}").exists():
+        channels.append(image.with_name(f"{stem}_{len(channels):04d}{suffix}"))
+    return channels
+
+
+def _entry_modalities(modalities: list[str], images: list[Path]) -> tuple[str, ...]:
+    if len(images) == 1 and len(modalities) > 1:
+        return tuple(modalities)  # one MSD 4D file holding every channel
+    if len(modalities) >= len(images):
+        return tuple(modalities[: len(images)])
+    return ()
+
+
+def _scan_nnunet_folder(
+    root: Path, ending: str, n_channels: int, path: Path
+) -> list[dict[str, Any]]:
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise CaseSourceError(f"{root}: dataset.json has no 'training' list and no imagesTr/")
@@ -140,6 +200,13 @@ def _scan_nnunet_folder(root: Path, ending: str, n_channels: int) -> list[dict[s
     for first in sorted(images_dir.glob(f"*_0000{ending}")):
         case_id = first.name[: -len(f"_0000{ending}")]
         images = [f"imagesTr/{case_id}_{c:04d}{ending}" for c in range(n_channels)]
+        missing = [i for i in images if not (root / i).exists()]
+        if missing:
+            raise CaseSourceError(
+                f"{path} (case {case_id}): channel file(s) missing: "
+                + ", ".join(str(root / i) for i in missing)
+                + f" (dataset.json declares {n_channels} channel(s))"
+            )
         label = root / "labelsTr" / f"{case_id}{ending}"
         entries.append(
             {
@@ -278,44 +345,196 @@ def load_paired_folder(
 ) -> list[Case]:
     """Pair images and masks in a folder by name.
 
-    Two layouts: ``images/`` + ``masks/`` (or ``labels/``) subfolders with equal file names;
-    or one folder where ``X.nii.gz`` pairs with ``X_mask.nii.gz`` (also ``_seg``, ``_label``,
-    ``_labels``, ``_lesion``). An image with no mask becomes an unlabelled case.
+    Two layouts:
+
+    * ``images/`` + ``masks/`` (or ``labels/``) subfolders with equal file names, one channel
+      per case.
+    * One folder of ``.nii``/``.nii.gz`` files, paired by this rule:
+
+      1. A file whose stem (name without ``.nii``/``.nii.gz``) ends in a mask suffix
+         (``_mask``, ``_seg``, ``_label``, ``_labels``, ``_lesion``, any letter case) is the
+         mask of case ``stem`` minus that suffix. It is never a case of its own, and a mask
+         with no image of its case is an error.
+      2. An image belongs to a case when its stem is the case id (a single-channel case:
+         ``X.nii.gz`` + ``X_mask.nii.gz``) or the case id, ``_`` and a channel name without
+         ``_`` (``X_t1.nii.gz``, ``X_flair.nii.gz`` + ``X_seg.nii.gz``): the case id is the
+         stem up to its last ``_``, the suffix after it names the channel. A stem equal to a
+         case id always means that case.
+      3. Every labelled case has the same channel names (a case's channels are sorted by
+         name: ``Case.images`` and ``Case.modalities`` follow that order), or none at all.
+      4. An image that belongs to no mask is an unlabelled case: its own case (stem = case id)
+         in a single-channel folder; grouped by the stem up to the last ``_`` in a
+         multi-channel folder, where its suffix must be one of the channel names and every
+         group must hold all of them.
+
+      Anything the rule cannot settle is refused rather than guessed: a case mixing a file
+      without channel suffix and files with one, cases with different channel sets, a folder
+      where some cases have channel suffixes and others do not, two masks for one case, a
+      stem saved as both ``.nii`` and ``.nii.gz``, and unlabelled images whose names look
+      multi-channel (two or more groups with the same two or more suffixes) where no labelled
+      case gives the channel names: case ids and channel names cannot be told apart there
+      (write a manifest instead).
+
+    Args:
+        folder: The folder.
+        patient_pattern: See :func:`load_cases`.
+        modality: Modality recorded on every case (``Case.modality``); ``Case.modalities``
+            gets the channel names where the names carry them.
+
+    Raises:
+        CaseSourceError: No image found, or the names break the rule above (the message names
+            the case and the files).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CaseSourceError(f"{folder}: not a folder")
     image_dir = folder / "images"
     mask_dir = next((folder / n for n in ("masks", "labels") if (folder / n).is_dir()), None)
-    pairs: list[tuple[str, Path, Path | None]] = []
+    grouped: list[tuple[str, tuple[Path, ...], Path | None, tuple[str, ...]]] = []
     if image_dir.is_dir() and mask_dir is not None:
         for image in sorted(p for p in image_dir.iterdir() if is_nifti(p)):
             mask = mask_dir / image.name
-            pairs.append((_strip_nifti(image.name), image, mask if mask.exists() else None))
+            grouped.append(
+                (_strip_nifti(image.name), (image,), mask if mask.exists() else None, ())
+            )
     else:
-        files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
-        names = {_strip_nifti(p.name): p for p in files}
-        mask_names = {
-            n for n in names for s in MASK_SUFFIXES if n.endswith(s) and n[: -len(s)] in names
-        }
-        for name, image in names.items():
-            if name in mask_names:
-                continue
-            mask = next((names[name + s] for s in MASK_SUFFIXES if name + s in names), None)
-            pairs.append((name, image, mask))
-    if not pairs:
+        grouped = _pair_by_suffix(folder)
+    if not grouped:
         raise CaseSourceError(f"{folder}: no NIfTI images found (and no dataset.json)")
     return [
         Case(
             case_id=case_id,
             patient_id=_patient(case_id, patient_pattern, str(folder)),
-            images=(image,),
+            images=images,
             mask=mask,
             modality=modality or "unknown",
-            provenance={"source": str(folder)},
+            modalities=channels,
+            provenance={
+                "source": str(folder),
+                **({"channels": list(channels)} if channels else {}),
+            },
         )
-        for case_id, image, mask in pairs
+        for case_id, images, mask, channels in grouped
     ]
+
+
+def _pair_by_suffix(
+    folder: Path,
+) -> list[tuple[str, tuple[Path, ...], Path | None, tuple[str, ...]]]:
+    """Apply the one-folder rule of :func:`load_paired_folder`; cases sorted by id."""
+    files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
+    stems: dict[str, Path] = {}
+    for path in files:
+        stem = _strip_nifti(path.name)
+        if stem in stems:
+            raise CaseSourceError(
+                f"{folder}: {stems[stem].name} and {path.name} share the name {stem!r}; "
+                "keep one of them"
+            )
+        stems[stem] = path
+    masks: dict[str, Path] = {}
+    images: dict[str, Path] = {}
+    for stem, path in stems.items():
+        suffix = next((s for s in MASK_SUFFIXES if stem.lower().endswith(s)), None)
+        if suffix is None or len(stem) == len(suffix):
+            images[stem] = path
+            continue
+        case_id = stem[: -len(suffix)]
+        if case_id in masks:
+            raise CaseSourceError(
+                f"{folder} (case {case_id}): two masks, {masks[case_id].name} and {path.name}"
+            )
+        masks[case_id] = path
+
+    # 2. images of labelled cases: the stem is the case id, or the case id + "_" + channel
+    members: dict[str, dict[str | None, Path]] = {case_id: {} for case_id in masks}
+    unassigned: dict[str, Path] = {}
+    for stem, path in images.items():
+        if stem in masks:
+            members[stem][None] = path
+            continue
+        case_id, _, channel = stem.rpartition("_")
+        if case_id and channel and case_id in masks:
+            members[case_id][channel] = path
+        else:
+            unassigned[stem] = path
+    for case_id, mask in masks.items():
+        found = members[case_id]
+        if not found:
+            raise CaseSourceError(
+                f"{folder} (case {case_id}): mask {mask.name} has no image (expected "
+                f"{case_id}.nii.gz or {case_id}_<channel>.nii.gz)"
+            )
+        if None in found and len(found) > 1:
+            listed = ", ".join(sorted(p.name for p in found.values()))
+            raise CaseSourceError(
+                f"{folder} (case {case_id}): both a file without channel suffix and files with "
+                f"one ({listed}); cannot tell which are its channels"
+            )
+
+    # 3. one channel set for every labelled case
+    channel_sets = {
+        case_id: tuple(sorted(k for k in found if k is not None))
+        for case_id, found in members.items()
+    }
+    reference_id = next(iter(sorted(channel_sets)), None)
+    channels: tuple[str, ...] = channel_sets[reference_id] if reference_id is not None else ()
+    for case_id, names in sorted(channel_sets.items()):
+        if names != channels:
+            raise CaseSourceError(
+                f"{folder} (case {case_id}): channels {_describe(names)} differ from case "
+                f"{reference_id}'s {_describe(channels)}; every case needs the same channel "
+                "suffixes (or none at all)"
+            )
+
+    # 4. unlabelled images
+    unlabelled: dict[str, dict[str | None, Path]] = {}
+    if channels:
+        for stem, path in unassigned.items():
+            case_id, _, channel = stem.rpartition("_")
+            if not case_id or channel not in channels:
+                raise CaseSourceError(
+                    f"{folder}: {path.name} has no mask and no channel suffix of "
+                    f"{_describe(channels)} (the labelled cases'); cannot tell its case"
+                )
+            unlabelled.setdefault(case_id, {})[channel] = path
+        for case_id, found in unlabelled.items():
+            if tuple(sorted(found)) != channels:  # type: ignore[arg-type]
+                missing = [f"{case_id}_{c}" for c in channels if c not in found]
+                raise CaseSourceError(
+                    f"{folder} (case {case_id}): channel file(s) missing: "
+                    + ", ".join(missing)
+                    + f" (every case has channels {_describe(channels)})"
+                )
+    else:
+        _refuse_unlabelled_multichannel(folder, unassigned)
+        unlabelled = {stem: {None: path} for stem, path in unassigned.items()}
+
+    result = []
+    for case_id, found in sorted({**members, **unlabelled}.items()):
+        ordered = tuple(found[c] for c in channels) if channels else (found[None],)
+        result.append((case_id, ordered, masks.get(case_id), channels))
+    return result
+
+
+def _refuse_unlabelled_multichannel(folder: Path, images: Mapping[str, Path]) -> None:
+    groups: dict[str, set[str]] = {}
+    for stem in images:
+        prefix, _, suffix = stem.rpartition("_")
+        if prefix:
+            groups.setdefault(prefix, set()).add(suffix)
+    sets = {frozenset(v) for v in groups.values()}
+    if len(groups) >= 2 and len(sets) == 1 and len(next(iter(sets))) >= 2:
+        names = sorted(next(iter(sets)))
+        raise CaseSourceError(
+            f"{folder}: images without masks whose names look like multi-channel cases "
+            f"({', '.join(sorted(groups)[:3])}... with suffixes {names}); without masks the "
+            "case ids cannot be told from channel names, so give a manifest instead"
+        )
+
+
+def _describe(channels: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"_{c}" for c in channels) + ")" if channels else "(none)"
 
 
 # --- shared helpers -----------------------------------------------------------------------
@@ -368,6 +587,13 @@ def _case_id_from(path: Path, ending: str) -> str:
             name = name[: -len(suffix)]
             break
     return re.sub(r"_\d{4}$", "", name)
+
+
+def _strip_ending(name: str, ending: str) -> str:
+    for suffix in (ending, ".nii.gz", ".nii"):
+        if suffix and name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _strip_nifti(name: str) -> str:

@@ -6,6 +6,13 @@ where 3D is expected; NaN/Inf voxels; qform/sform disagreement; image/mask shape
 origin, orientation and direction differences beyond a tolerance; mask values outside the
 declared labels or fractional; an all-background mask (per policy); a lesion mostly outside the
 body. Across cases: duplicate case ids, also ignoring letter case.
+
+A mask stored in another axis order or with flipped axes on the image's very grid (image LPS,
+mask RAS; or ``(X, Y, 1)`` for a 2D ``(X, Y)`` image) is no error: it is read the way
+:func:`~synthlesion.data.io.load_mask_for` reads it (rearranged exactly onto the image grid) and
+reported as a ``mask_axis_order`` warning, since tools that compare headers only reject it. A
+grid that differs in any axis order is an error row per difference (``shape``, ``spacing``,
+``origin``, ``orientation``, ``direction``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids, load_cases
-from synthlesion.data.volume import Volume, geometry_differences
+from synthlesion.data.volume import Volume, geometry_differences, try_align_to_grid
 from synthlesion.errors import CaseSourceError, GeometryError, ImageReadError
 
 Severity = Literal["error", "warning"]
@@ -174,8 +181,22 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
     if mask is None:
         return problems
     if images:
-        for code, message in geometry_differences(images[0], mask, options.tolerance_mm):
+        aligned, differences = try_align_to_grid(images[0], mask, options.tolerance_mm)
+        for code, message in differences:
             add(case.mask, code, message)
+        if aligned is not None:
+            stored = aligned.meta.get("stored_axis_order")
+            if stored is not None and stored is not mask.meta.get("stored_axis_order"):
+                add(
+                    case.mask,
+                    "mask_axis_order",
+                    f"mask is stored in another axis order ({stored['orientation']}, shape "
+                    f"{tuple(stored['shape'])}) than the image ({images[0].orientation}, shape "
+                    f"{images[0].shape}) on the same grid; synthlesion realigns it on read, "
+                    "tools that compare headers only may not",
+                    "warning",
+                )
+            mask = aligned
     values = _label_values(mask.array, set(case.labels))
     if values is None:
         if not np.all(np.isfinite(mask.array)):
