@@ -132,29 +132,40 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder to write dataset.json, imagesTr, labelsTr")
     p.add_argument(
         "--kind",
-        choices=["ct", "mri"],
+        choices=["ct", "mri", "brain-mri-multi"],
         default="ct",
-        help="ct: abdomen in HU, liver + lesions; mri: FLAIR-like head, brain + lesions",
+        help="ct: abdomen in HU, liver + lesions; mri: FLAIR-like head, brain + lesions; "
+        "brain-mri-multi: BraTS-like FLAIR/T1/T1c/T2 brain-tumour MRI (3D only), labels "
+        "NETC/SNFH/ET/RC, brain masks in brainmasks/",
     )
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="3D volumes or 2D slices")
     p.add_argument(
         "--patients", type=int, default=None, help="number of patients (default 8 in 3D, 100 in 2D)"
     )
     p.add_argument(
-        "--size", type=int, default=None, help="in-plane voxels (default 96 in 3D, 128 in 2D)"
+        "--size",
+        type=int,
+        default=None,
+        help="in-plane voxels (default 96 in 3D, 128 in 2D; 64 for brain-mri-multi)",
+    )
+    p.add_argument(
+        "--full-size",
+        action="store_true",
+        help="brain-mri-multi only: the BraTS grid, 240 x 240 x 155 at 1 mm",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--lesion-fraction",
         type=float,
-        default=0.6,
-        help="share of patients with lesions (the rest are healthy)",
+        default=None,
+        help="share of patients with lesions, the rest are healthy (default 0.6; 0.75 for "
+        "brain-mri-multi)",
     )
     p.add_argument(
         "--followup-fraction",
         type=float,
-        default=0.5,
-        help="share of patients with a second time point",
+        default=None,
+        help="share of patients with a second time point (default 0.5; 0.4 for brain-mri-multi)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a different dataset.json already in --out"
@@ -163,6 +174,36 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
+    if args.kind == "brain-mri-multi":
+        from synthlesion.data.phantom_brain import (
+            DEFAULT_FOLLOWUP_FRACTION,
+            FULL_SHAPE,
+            make_brain_multiseq_dataset,
+        )
+
+        if args.dims != 3:
+            raise ConfigError("phantom: --kind brain-mri-multi makes 3D volumes only (--dims 3)")
+        if args.full_size and args.size not in (None, FULL_SHAPE[0]):
+            raise ConfigError(
+                f"phantom: --full-size is the {FULL_SHAPE[0]} x {FULL_SHAPE[1]} x "
+                f"{FULL_SHAPE[2]} grid; leave out --size {args.size}"
+            )
+        path = make_brain_multiseq_dataset(
+            args.out,
+            n_patients=8 if args.patients is None else args.patients,
+            size=64 if args.size is None else args.size,
+            seed=args.seed,
+            lesion_fraction=0.75 if args.lesion_fraction is None else args.lesion_fraction,
+            full_size=args.full_size,
+            overwrite=args.overwrite,
+            followup_fraction=DEFAULT_FOLLOWUP_FRACTION
+            if args.followup_fraction is None
+            else args.followup_fraction,
+        )
+        print(path)
+        return 0
+    if args.full_size:
+        raise ConfigError("phantom: --full-size applies to --kind brain-mri-multi only")
     from synthlesion.data.phantom import make_phantom_dataset
 
     path = make_phantom_dataset(
@@ -172,8 +213,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         n_patients=args.patients,
         size=args.size,
         seed=args.seed,
-        lesion_fraction=args.lesion_fraction,
-        followup_fraction=args.followup_fraction,
+        lesion_fraction=0.6 if args.lesion_fraction is None else args.lesion_fraction,
+        followup_fraction=0.5 if args.followup_fraction is None else args.followup_fraction,
         overwrite=args.overwrite,
     )
     print(path)

@@ -182,7 +182,7 @@ def test_user_mask_outside_the_tissue_is_reported(world, tmp_path):
         SampleOptions(steps=1, mask_source="user", user_masks=masks, limit=8),
     )
     problems = {f["source"]: f["problem"] for f in report.failed}
-    assert "outside the allowed tissue" in problems[source.case_id]
+    assert "outside the placement region" in problems[source.case_id]
     assert all(c not in report.written for c in [f"syn_{source.case_id}_00"])
 
 

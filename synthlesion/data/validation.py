@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from synthlesion.data.cases import Case
+from synthlesion.data.intensity import foreground_mask
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids, load_cases
 from synthlesion.data.volume import Volume, geometry_differences, try_align_to_grid
@@ -35,9 +36,6 @@ from synthlesion.errors import CaseSourceError, GeometryError, ImageReadError
 
 Severity = Literal["error", "warning"]
 EmptyMaskPolicy = Literal["error", "warn", "ignore"]
-
-CT_BODY_THRESHOLD_HU = -500.0
-OTHER_BODY_FRACTION = 0.05  # of the 99th percentile, for MRI and other non-CT images
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,8 @@ class CheckOptions:
         empty_mask: Policy for a mask with no foreground voxel at all: report it as an
             ``error`` (default), a ``warn``-ing that does not fail the check, or ``ignore`` it.
         outside_body_fraction: Report a lesion when more than this fraction of its voxels lies
-            outside the body (CT: below -500 HU; other images: below 5% of the 99th
+            outside the scan's foreground (:func:`synthlesion.data.intensity.foreground_mask`:
+            a constant background, else CT below -500 HU, other images below 5% of the 99th
             percentile).
         spatial_dims: Expected 2 or 3; ``None`` accepts either.
         workers: Threads reading cases in parallel (zlib releases the GIL).
@@ -230,7 +229,7 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
         lesion = mask.array == labels[0] if len(labels) == 1 else np.isin(mask.array, labels)
         n_lesion = int(lesion.sum())
         if n_lesion:
-            body = body_mask(images[0].array, case.modality)
+            body = foreground_mask(images[0].array, case.modality)
             outside = 1.0 - float(np.count_nonzero(lesion & body)) / n_lesion
             if outside > options.outside_body_fraction:
                 add(
@@ -239,17 +238,6 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
                     f"{outside:.0%} of {n_lesion} lesion voxel(s) lie outside the body",
                 )
     return problems
-
-
-def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
-    """Voxels inside the body: CT above -500 HU; others above 5% of the 99th percentile."""
-    if modality.upper() == "CT":
-        return image > CT_BODY_THRESHOLD_HU
-    finite = image[np.isfinite(image)] if np.issubdtype(image.dtype, np.floating) else image
-    if finite.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    sample = finite.ravel()[:: max(1, finite.size // 200_000)]
-    return image > OTHER_BODY_FRACTION * float(np.percentile(sample, 99))
 
 
 def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN001

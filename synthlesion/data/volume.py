@@ -251,7 +251,7 @@ def header_with_affine(
     header.set_sform(affine, code=scode)
     if qcode == 0 and scode == 0:
         if _corner_distance_mm(header.get_base_affine(), affine, shape) > 1e-3:
-            logger.warning(
+            logger.debug(
                 "header has no qform/sform and its voxel sizes do not give the affine; "
                 "writing both with code 1 (scanner)"
             )

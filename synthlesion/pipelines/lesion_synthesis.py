@@ -4,6 +4,10 @@ The pipeline works on regions of interest: each target lesion gets a crop of the
 training size around it, all crops go through the network as batches, and only the (dilated)
 lesion region of each crop is pasted back. Outside the dilated masks the output equals the
 input bit for bit, for every backend (the latent backend decodes, then blends in pixel space).
+A scan of several channels (MRI sequences, CT phases; a list of volumes on one grid) is painted
+jointly: the network sees and generates all channels, each normalised on its own, and every
+channel is written back. With a placement region (a brain mask, the organ, the foreground) the
+region to fill is clipped to it, so no voxel outside it changes.
 
 Steps of ``__call__``:
     1. check the inputs;
@@ -119,7 +123,8 @@ class LesionSynthesisOutput:
     """Result of one call.
 
     Attributes:
-        image: The synthetic scan, same shape and dtype as the source.
+        images: The synthetic scan, one array per channel, each of the source channel's shape
+            and dtype.
         lesion_mask: Target lesions painted (label values = lesion classes), shape ``S``.
         regions: The regions of interest used.
         quality: One quality record per region (never dropped).
@@ -127,11 +132,16 @@ class LesionSynthesisOutput:
             training), for attribute-conditioned models.
     """
 
-    image: np.ndarray
+    images: list[np.ndarray]
     lesion_mask: np.ndarray
     regions: list[Region]
     quality: list[QualityResult] = field(default_factory=list)
     attributes: list[dict[str, float]] | None = None
+
+    @property
+    def image(self) -> np.ndarray:
+        """The first channel (the whole scan for a one-channel source)."""
+        return self.images[0]
 
 
 class LesionSynthesisPipeline:
@@ -224,8 +234,24 @@ class LesionSynthesisPipeline:
 
     # -- step 1 -------------------------------------------------------------------------
     def check_inputs(
-        self, image: Volume, lesion_mask: np.ndarray, organ_mask: np.ndarray | None
+        self,
+        channels: Sequence[Volume],
+        lesion_mask: np.ndarray,
+        organ_mask: np.ndarray | None,
+        region_mask: np.ndarray | None = None,
     ) -> None:
+        image = channels[0]
+        want = int(self.model.config.image_channels)
+        if len(channels) != want:
+            raise SynthesisError(
+                f"{image.source}: {len(channels)} image channel(s) for a model of {want}"
+            )
+        for other in channels[1:]:
+            if other.shape != image.shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+                raise SynthesisError(
+                    f"{other.source}: channel grid {other.shape} does not match {image.source} "
+                    f"{image.shape} (channels must share one voxel grid)"
+                )
         dims = self.model.config.spatial_dims
         if image.spatial_dims != dims:
             raise SynthesisError(f"{image.source}: {image.spatial_dims}D scan for a {dims}D model")
@@ -250,6 +276,17 @@ class LesionSynthesisPipeline:
             raise SynthesisError(
                 f"{image.source}: organ mask shape {organ_mask.shape} != {image.shape}"
             )
+        if region_mask is not None:
+            if region_mask.shape != image.shape:
+                raise SynthesisError(
+                    f"{image.source}: placement region shape {region_mask.shape} != {image.shape}"
+                )
+            outside = int(np.count_nonzero((lesion_mask > 0) & ~region_mask.astype(bool)))
+            if outside:
+                raise SynthesisError(
+                    f"{image.source}: {outside} target lesion voxel(s) lie outside the placement "
+                    "region"
+                )
 
     def scale_to_training(self, image: Volume) -> np.ndarray | None:
         """Scan voxel size over training voxel size, per array axis; ``None`` when within 1 %
@@ -287,6 +324,7 @@ class LesionSynthesisPipeline:
         dilation_mm: float,
         feather_mm: float,
         factor: np.ndarray | None = None,
+        region_mask: np.ndarray | None = None,
     ) -> list[tuple[Region, _LocalRegion]]:
         """One ROI per connected target lesion, centred on its blend region.
 
@@ -294,7 +332,8 @@ class LesionSynthesisPipeline:
         physical extent: ``round((roi - 1) / factor) + 1`` scan voxels per axis.
 
         All work happens in a box around each lesion, so the cost follows the lesions, not the
-        scan. A voxel of the blend region belongs to the nearest lesion.
+        scan. A voxel of the blend region belongs to the nearest lesion. With a
+        ``region_mask`` (the placement region) the blend region is clipped to it.
 
         Raises:
             SynthesisError: a lesion with its margin is larger than the model's ROI.
@@ -318,6 +357,8 @@ class LesionSynthesisPipeline:
             others = (comp > 0) & ~mine
             if others.any():
                 region &= d_mine < ndimage.distance_transform_edt(~others, sampling=spacing)
+            if region_mask is not None:
+                region &= region_mask[ext].astype(bool) | mine
             inside = ndimage.distance_transform_edt(region, sampling=spacing)
             weight = np.clip(inside / feather_mm, 0, 1) if feather_mm > 0 else region.astype(float)
             weight[mine] = 1.0
@@ -355,10 +396,11 @@ class LesionSynthesisPipeline:
 
     def __call__(
         self,
-        image: Volume,
+        image: Volume | Sequence[Volume],
         lesion_mask: np.ndarray,
         *,
         organ_mask: np.ndarray | None = None,
+        region_mask: np.ndarray | None = None,
         scheduler: str = "dpmsolver++",
         num_inference_steps: int = 20,
         seed: int = 0,
@@ -372,9 +414,13 @@ class LesionSynthesisPipeline:
         """Paint the lesions of ``lesion_mask`` into ``image``.
 
         Args:
-            image: Source scan (values in image units: HU for CT).
+            image: Source scan (values in image units: HU for CT): one volume, or one volume
+                per channel on one grid (as many as the model's ``image_channels``).
             lesion_mask: Target lesions, shape ``S``; 0 = none, k = lesion class k.
             organ_mask: Optional boolean organ map (for the quality ring).
+            region_mask: Optional boolean placement region, shape ``S``: every target voxel
+                must lie inside it, and the blend region is clipped to it (nothing outside it
+                changes).
             scheduler: One of :data:`SCHEDULERS`.
             num_inference_steps: Denoising steps.
             seed: Base seed; region ``i`` uses its own generator seeded from ``(seed, i)``, so
@@ -390,8 +436,12 @@ class LesionSynthesisPipeline:
                 target lesion in its region of interest, as in training).
         """
         # 1. inputs
+        channels = [image] if isinstance(image, Volume) else list(image)
+        if not channels:
+            raise SynthesisError("no image channel given")
+        image = channels[0]
         lesion_mask = np.asarray(lesion_mask)
-        self.check_inputs(image, lesion_mask, organ_mask)
+        self.check_inputs(channels, lesion_mask, organ_mask, region_mask)
         if resample_jumps and scheduler not in STATELESS_SCHEDULERS:
             raise SynthesisError(f"resampling jumps need ddpm or ddim, not {scheduler}")
         attributes = dict(attributes or {})
@@ -400,18 +450,21 @@ class LesionSynthesisPipeline:
             raise SynthesisError(
                 f"attributes {unknown} are not among the model's {list(self.attribute_names)}"
             )
-        source = image.array
+        sources = [c.array for c in channels]
+        source = sources[0]
         # 2. regions (all further work is local to each lesion's box)
         factor = self.scale_to_training(image)
-        planned = self.plan_regions(lesion_mask, image.spacing, dilation_mm, feather_mm, factor)
-        value_range = self.normaliser.range_of(source)
+        planned = self.plan_regions(
+            lesion_mask, image.spacing, dilation_mm, feather_mm, factor, region_mask
+        )
+        ranges = [self.normaliser.range_of(a) for a in sources]  # each channel on its own
+        value_range = ranges[0]
         # 3. crops and conditioning (each crop sees only its own lesion and region)
-        crops = [
-            self._crop_inputs(source, lesion_mask, r, local, value_range) for r, local in planned
-        ]
+        crops = [self._crop_inputs(sources, lesion_mask, r, local, ranges) for r, local in planned]
         if factor is not None:  # to the training scale: image linear, masks nearest
             crops = [
-                (_resize(im, self.roi_size, 1), _resize(fill, self.roi_size, 0),
+                (np.stack([_resize(c, self.roi_size, 1) for c in im]),
+                 _resize(fill, self.roi_size, 0),
                  np.stack([_resize(channel, self.roi_size, 0) for channel in lesion]))
                 for im, fill, lesion in crops
             ]  # fmt: skip
@@ -427,20 +480,28 @@ class LesionSynthesisPipeline:
             prompt, attribute_values,
         )  # fmt: skip
         if factor is not None:  # back to the scan's grid before the paste
-            generated = [_resize(g, r.size, 1) for g, r in zip(generated, regions, strict=True)]
-        # 5. paste back: weight 1 on the lesion, a feather band at the region's edge, 0 outside
-        output = source.copy()
-        low, high = float(source.min()), float(source.max())
-        for (region, local), crop in zip(planned, generated, strict=True):
-            in_roi = _shift(local.box, region.start)
-            values = self.normaliser.denormalise(crop[in_roi], value_range)
-            w = local.weight
-            blended = np.clip(source[local.box] * (1 - w) + values * w, low, high)
-            if np.issubdtype(source.dtype, np.integer):
-                blended = np.rint(blended)
-            target = output[local.box]
-            target[local.region] = blended[local.region].astype(source.dtype)
-        # 6. quality gates, measured in each region of interest
+            generated = [
+                np.stack([_resize(c, r.size, 1) for c in g])
+                for g, r in zip(generated, regions, strict=True)
+            ]
+        # 5. paste back every channel: weight 1 on the lesion, a feather band at the region's
+        #    edge, 0 outside (each channel in its own units and dtype, clipped to its range)
+        outputs = []
+        for c, (array, channel_range) in enumerate(zip(sources, ranges, strict=True)):
+            output = array.copy()
+            low, high = float(array.min()), float(array.max())
+            for (region, local), crop in zip(planned, generated, strict=True):
+                in_roi = _shift(local.box, region.start)
+                values = self.normaliser.denormalise(crop[c][in_roi], channel_range)
+                w = local.weight
+                blended = np.clip(array[local.box] * (1 - w) + values * w, low, high)
+                if np.issubdtype(array.dtype, np.integer):
+                    blended = np.rint(blended)
+                target = output[local.box]
+                target[local.region] = blended[local.region].astype(array.dtype)
+            outputs.append(output)
+        output = outputs[0]
+        # 6. quality gates (on the first channel), measured in each region of interest
         quality = []
         for region, local in planned:
             roi, _ = region.slices(image.shape)
@@ -462,7 +523,7 @@ class LesionSynthesisPipeline:
                 )
             )
         painted = np.where(lesion_mask > 0, lesion_mask, 0).astype(np.uint8)
-        return LesionSynthesisOutput(output, painted, regions, quality, attribute_values)
+        return LesionSynthesisOutput(outputs, painted, regions, quality, attribute_values)
 
     # -- helpers ------------------------------------------------------------------------
     def _attributes(
@@ -470,7 +531,7 @@ class LesionSynthesisPipeline:
     ) -> dict[str, float]:
         """One region's attribute values, normalised as the training crops' were."""
         _, fill, lesion = crop
-        inside = lesion.max(axis=0) > 0
+        inside = lesion.max(axis=0) > 0  # mean_intensity is the first channel's, as in training
         out: dict[str, float] = {}
         for name in self.attribute_names:
             if name == "volume_fraction":
@@ -492,10 +553,11 @@ class LesionSynthesisPipeline:
                 raise SynthesisError(f"unknown attribute {name!r} in the model's record")
         return out
 
-    def _crop_inputs(self, array, lesion_mask, region: Region, local: _LocalRegion, value_range):  # noqa: ANN001, ANN202
-        src, dst = region.slices(array.shape)
-        image = np.full(region.size, -1.0, dtype=np.float32)
-        image[dst] = self.normaliser.normalise(array[src], value_range)
+    def _crop_inputs(self, arrays, lesion_mask, region: Region, local: _LocalRegion, ranges):  # noqa: ANN001, ANN202
+        src, dst = region.slices(arrays[0].shape)
+        image = np.full((len(arrays), *region.size), -1.0, dtype=np.float32)
+        for c, (array, value_range) in enumerate(zip(arrays, ranges, strict=True)):
+            image[c][dst] = self.normaliser.normalise(array[src], value_range)
         in_roi = _shift(local.box, region.start)
         fill = np.zeros(region.size, dtype=np.float32)
         fill[in_roi] = local.region
@@ -544,7 +606,7 @@ class LesionSynthesisPipeline:
         model = self.model
         device = self.device
         batch = {
-            "image": torch.from_numpy(np.stack([c[0] for c in crops]))[:, None].to(device),
+            "image": torch.from_numpy(np.stack([c[0] for c in crops])).to(device),
             "region": torch.from_numpy(np.stack([c[1] for c in crops]))[:, None].to(device),
             "lesion": torch.from_numpy(np.stack([c[2] for c in crops])).to(device),
         }
@@ -600,7 +662,7 @@ class LesionSynthesisPipeline:
                 if jump < jumps and t_prev is not None:
                     x = _renoise(sched, x, t, t_prev, generators)
         decoded = model.decode(x).float().clamp(-1, 1)
-        return [d[0].cpu().numpy() for d in decoded]
+        return [d.cpu().numpy() for d in decoded]
 
 
 def read_training_record(model_dir: str | Path) -> dict[str, Any]:

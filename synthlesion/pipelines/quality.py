@@ -18,7 +18,8 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image
+from synthlesion.data.io import load_image, load_mask_for
+from synthlesion.masks.lesions import connected_lesions
 
 
 @dataclass(frozen=True)
@@ -114,23 +115,43 @@ class RealLesionReference:
 
     @classmethod
     def from_cases(
-        cls, cases: Iterable[Case], *, organ_labels: Sequence[int] = (1,)
+        cls,
+        cases: Iterable[Case],
+        *,
+        organ_labels: Sequence[int] = (1,),
+        lesion_labels: Sequence[int] | None = None,
     ) -> RealLesionReference:
-        """Measure every connected lesion of the given (real, training) cases."""
+        """Measure every lesion (:func:`~synthlesion.masks.lesions.connected_lesions`: a tumour
+        with its sub-regions, specks skipped) of the given (real, training) cases, on their
+        first channel. Each lesion is measured in a box around it, so the cost follows the
+        lesions, not the scans."""
         means, stds, contrasts = [], [], []
         for case in cases:
             if case.mask is None or case.origin != "real":
                 continue
             image = load_image(case.image)
-            mask = load_image(case.mask)
-            lesion = np.isin(mask.array, case.lesion_labels)
-            if not lesion.any():
-                continue
-            tissue = np.isin(mask.array, organ_labels)
-            components, count = ndimage.label(lesion)
-            for index in range(1, count + 1):
+            mask = load_mask_for(image, case.mask)
+            labels = np.asarray(mask.array)
+            values = case.lesion_labels if lesion_labels is None else tuple(lesion_labels)
+            tissue = np.isin(labels, list(organ_labels)) if len(organ_labels) else None
+            ring = ring_width_mm(image.spacing)
+            pad = [int(np.ceil(ring / s)) + 2 for s in image.spacing]
+            for lesion in connected_lesions(labels, values):
+                box = tuple(
+                    slice(max(0, b.start - m), min(n, b.stop + m))
+                    for b, m, n in zip(lesion.box, pad, labels.shape, strict=True)
+                )
+                inside = np.zeros([b.stop - b.start for b in box], dtype=bool)
+                offset = tuple(
+                    slice(b.start - o.start, b.stop - o.start)
+                    for b, o in zip(lesion.box, box, strict=True)
+                )
+                inside[offset] = lesion.mask
                 stats = lesion_statistics(
-                    image.array, components == index, image.spacing, tissue=tissue
+                    image.array[box],
+                    inside,
+                    image.spacing,
+                    tissue=tissue[box] if tissue is not None else None,
                 )
                 means.append(stats.mean)
                 stds.append(stats.std)

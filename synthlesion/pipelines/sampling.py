@@ -1,14 +1,19 @@
 """``synthlesion sample``: write synthetic lesion cases into a synthetic set, with provenance.
 
 For each source scan of the training split (healthy scans first: that is where new lesions add
-the most) it draws target lesion masks (transplanted real lesions, procedural ellipsoids or
-user masks) at allowed positions, runs :class:`LesionSynthesisPipeline`, writes image and mask
+the most; a scan is healthy when its label map holds no lesion voxel) it draws target lesion
+masks (transplanted real lesions with their sub-regions, procedural ellipsoids split into nested
+sub-regions as the real lesions are, or user masks) at allowed positions inside the scan's
+placement region (:func:`synthlesion.masks.placement_region`: ``region_masks`` /
+``region_label`` given by the user, else the organ labels, else the scan's foreground), runs
+:class:`LesionSynthesisPipeline` on every image channel, writes each channel and the mask
 (temporary name, then rename) and appends one manifest row last. A rerun after an interruption
 makes only the missing cases, with the same per-case seeds as an uninterrupted run.
 
 Guards: sources come from the train split only (a synthetic case inherits its source patient's
 split); a model whose training record lists a val or test patient is refused; an output folder
-holding a manifest of another model is refused.
+holding a manifest of another model is refused; data whose image channels (count and names) or
+lesion labels differ from the model's is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -26,19 +31,22 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image, save_image
+from synthlesion.data.io import load_image, load_mask_for, save_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
-from synthlesion.data.volume import Volume, geometry_differences
+from synthlesion.data.volume import Volume
 from synthlesion.errors import GeometryError, ImageReadError, SynthlesionError
 from synthlesion.masks import (
     MaskBank,
     PlacementConstraint,
     PlacementError,
+    PlacementRegion,
     jitter_mask,
     place_mask,
+    placement_region,
     procedural_mask,
 )
+from synthlesion.masks.lesions import nest_classes
 from synthlesion.pipelines.lesion_synthesis import (
     LesionSynthesisPipeline,
     SynthesisError,
@@ -66,7 +74,12 @@ class SampleOptions:
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         mask_source: ``bank`` (real lesions of the train split, transplanted), ``procedural``
             or ``user`` (``user_masks`` folder with ``{source case id}.nii.gz``).
-        user_masks: Folder of user masks.
+        user_masks: Folder of user masks (``{source case id}.nii.gz``; values = lesion
+            classes 1..K).
+        region_masks: Folder of placement regions, one ``{source case id}.nii.gz`` per
+            source scan (e.g. brain masks; non-zero = lesions may go here), read onto the
+            scan's grid like any mask. Overrides the organ labels and the foreground.
+        region_label: A label value of the source's label map that is the placement region.
         healthy_only: Use only source scans without a lesion.
         limit: Largest number of synthetic cases (``None``: all).
         min_border_distance_mm: Distance kept from the organ's border.
@@ -89,6 +102,8 @@ class SampleOptions:
     device: str = "cpu"
     mask_source: MaskSource = "bank"
     user_masks: Path | None = None
+    region_masks: Path | None = None
+    region_label: int | None = None
     healthy_only: bool = False
     limit: int | None = None
     min_border_distance_mm: float = 2.0
@@ -180,20 +195,22 @@ def run_sampling(
     organ_values = tuple(int(v) for v in data_facts.get("organ_label_values", [1]))
     train_cases = [c for c in cases if splits.side_of_patient(c.patient_id) == "train"]
     sources = [c for c in train_cases if c.mask is not None]
+    _require_model_fits_data(model_dir, data_facts, sources, lesion_values, data)
     skipped = len(cases) - len(train_cases)
     if skipped:
         logger.info("%d case(s) of val/test patients are not used as sources", skipped)
+    presence = {c.case_id: has_lesion_voxels(c, lesion_values) for c in sources}
     if options.healthy_only:
-        sources = [c for c in sources if c.has_lesion is False]
-    sources.sort(key=lambda c: (c.has_lesion is not False, c.case_id))  # healthy first
+        sources = [c for c in sources if not presence[c.case_id]]
+    sources.sort(key=lambda c: (presence[c.case_id], c.case_id))  # healthy first
     if not sources:
         raise SynthesisError(f"{data}: no labelled source scan in the train split")
 
-    lesion_cases = [c for c in train_cases if c.mask is not None and c.has_lesion is not False]
+    lesion_cases = [c for c in sources if presence[c.case_id]]
     bank = None
     if options.mask_source in ("bank", "procedural"):
         try:
-            bank = MaskBank.from_cases(lesion_cases)
+            bank = MaskBank.from_cases(lesion_cases, lesion_labels=lesion_values)
         except PlacementError:
             if options.mask_source == "bank":
                 raise SynthesisError(
@@ -201,7 +218,9 @@ def run_sampling(
                 ) from None
     reference = None
     try:
-        reference = RealLesionReference.from_cases(lesion_cases, organ_labels=organ_values)
+        reference = RealLesionReference.from_cases(
+            lesion_cases, organ_labels=organ_values, lesion_labels=lesion_values
+        )
     except ValueError:
         logger.warning("no real lesion in the train split: quality gates run without a reference")
 
@@ -268,6 +287,64 @@ def run_sampling(
     return report
 
 
+def has_lesion_voxels(case: Case, lesion_values: Sequence[int]) -> bool:
+    """Whether the case's label map holds a lesion voxel: from its voxels, not from a listing
+    (a ``has_lesion`` flag that the voxels contradict is logged and the voxels win)."""
+    if case.mask is None:
+        return False
+    array = load_image(case.mask).array
+    found = bool(np.isin(array, list(lesion_values)).any())
+    if case.has_lesion is not None and bool(case.has_lesion) != found:
+        logger.warning(
+            "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
+            case.case_id,
+            case.has_lesion,
+            case.mask,
+            "holds" if found else "holds no",
+        )
+    return found
+
+
+def _require_model_fits_data(
+    model_dir: Path,
+    facts: dict[str, Any],
+    sources: Sequence[Case],
+    lesion_values: Sequence[int],
+    data: str | Path,
+) -> None:
+    """Refuse data whose channels (count and names) or lesion labels are not the model's."""
+    if not sources:
+        return
+    want = int(facts.get("image_channels", 1))
+    names = [str(n) for n in facts.get("channel_names", [])]
+    for case in sources:
+        have = list(case.modalities)[: len(case.images)]
+        if len(case.images) != want:
+            raise SynthesisError(
+                f"{data}: case {case.case_id} has {len(case.images)} image channel(s) "
+                f"{have}, the model {model_dir} was trained on {want} {names}"
+            )
+        known = [n for n in have if n.lower() != "unknown"]
+        if names and known and [n.lower() for n in have] != [n.lower() for n in names]:
+            raise SynthesisError(
+                f"{data}: case {case.case_id} has channels {have}, the model {model_dir} was "
+                f"trained on {names} (same names in the same order needed)"
+            )
+    declared = sources[0].labels
+    data_lesions = set(sources[0].lesion_labels)
+    unknown = sorted(data_lesions - set(lesion_values))
+    missing = [v for v in lesion_values if v not in declared]
+    if unknown or missing:
+        named = ", ".join(f"{v} {declared.get(v, '?')}" for v in sorted(data_lesions))
+        raise SynthesisError(
+            f"{data}: lesion labels [{named}] do not match the model's {list(lesion_values)} "
+            f"{facts.get('lesion_class_names', [])}: "
+            + (f"values {unknown} were never trained on" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"values {missing} are not declared in the data" if missing else "")
+        )
+
+
 def _shard_from_env() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
@@ -313,19 +390,38 @@ def _make_case(
 ) -> bool:
     seed = case_seed(options.seed, case_id)
     rng = np.random.default_rng(seed)
-    image = load_image(source.image)
-    labels = load_image(source.mask)
-    problems = geometry_differences(image, labels)
-    if problems:
-        raise SynthesisError(f"{source.mask}: does not match {source.image}: {problems[0][1]}")
+    where = f"case {source.case_id}"
+    channels = [load_image(path) for path in source.images]
+    image = channels[0]
+    for other in channels[1:]:
+        if other.shape != image.shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+            raise SynthesisError(
+                f"{other.source} ({where}): channel grid does not match {image.source}"
+            )
+    for volume in channels:
+        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+            raise SynthesisError(f"{volume.source} ({where}): NaN/Inf voxels")
+    try:
+        labels = load_mask_for(image, source.mask)
+    except GeometryError as exc:
+        raise SynthesisError(f"{where}: {exc}") from None
+    label_array = _integer_labels(labels, where)
+    extra = sorted(set(np.unique(label_array).tolist()) - set(source.labels))
+    if extra:
+        raise SynthesisError(
+            f"{source.mask} ({where}): label values {extra} are not declared labels "
+            f"{sorted(source.labels)}"
+        )
+    region = _placement_region(source, image, label_array, options, organ_values, lesion_values)
     target, mask_facts = _target_mask(
-        case_id, source, image, labels, rng, pipeline, bank, options, lesion_values, organ_values
+        case_id, source, image, label_array, region, rng, pipeline, bank, options, lesion_values
     )
-    organ = np.isin(labels.array, organ_values)
+    organ = np.isin(label_array, organ_values) if organ_values else region.mask
     result = pipeline(
-        image,
+        channels,
         target,
         organ_mask=organ,
+        region_mask=region.mask,
         scheduler=options.scheduler,
         num_inference_steps=options.steps,
         seed=seed,
@@ -337,9 +433,10 @@ def _make_case(
     label_map = labels.array.copy()
     for cls_index, value in enumerate(lesion_values, start=1):
         label_map[result.lesion_mask == cls_index] = value
-    image_rel = f"imagesTr/{case_id}_0000.nii.gz"
+    images_rel = [f"imagesTr/{case_id}_{c:04d}.nii.gz" for c in range(len(channels))]
     mask_rel = f"labelsTr/{case_id}.nii.gz"
-    save_image(image.with_array(result.image), out_dir / image_rel)
+    for volume, array, rel in zip(channels, result.images, images_rel, strict=True):
+        save_image(volume.with_array(array), out_dir / rel)
     save_image(labels.with_array(label_map.astype(labels.array.dtype)), out_dir / mask_rel)
     quality = {
         "passed": all(q.passed for q in result.quality),
@@ -351,7 +448,7 @@ def _make_case(
     writer.append_case(
         case_id=case_id,
         source=source,
-        images=[image_rel],
+        images=images_rel,
         mask=mask_rel,
         mask_origin=options.mask_source,
         scheduler=options.scheduler,
@@ -371,53 +468,110 @@ def _make_case(
     return bool(quality["passed"])
 
 
+def _integer_labels(volume: Volume, where: str) -> np.ndarray:
+    """The label map as integers (float label maps with whole values are accepted)."""
+    array = np.asarray(volume.array)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or np.any(array != np.round(array)):
+            raise SynthesisError(f"{volume.source} ({where}): label map holds fractional values")
+        array = array.astype(np.int64)
+    return array
+
+
+def _placement_region(
+    source: Case,
+    image: Volume,
+    labels: np.ndarray,
+    options: SampleOptions,
+    organ_values: Sequence[int],
+    lesion_values: Sequence[int],
+) -> PlacementRegion:
+    """The scan's placement region: the user's region mask or label, else organ, else
+    foreground (:func:`synthlesion.masks.placement_region`)."""
+    where = f"{source.image} (case {source.case_id})"
+    user_region = None
+    if options.region_masks is not None:
+        path = Path(options.region_masks) / f"{source.case_id}.nii.gz"
+        if not path.is_file():
+            raise SynthesisError(f"{path}: no region mask for case {source.case_id}")
+        try:
+            user_region = load_mask_for(image, path).array
+        except GeometryError as exc:
+            raise SynthesisError(f"region mask of case {source.case_id}: {exc}") from None
+        if user_region.dtype.kind == "f" and not np.isfinite(user_region).all():
+            raise SynthesisError(f"{path} (case {source.case_id}): region mask holds NaN/Inf")
+        if not np.any(user_region != 0):
+            raise SynthesisError(f"{path}: region mask of case {source.case_id} is empty")
+    if options.region_label is not None and options.region_label not in source.labels:
+        raise SynthesisError(
+            f"{source.mask} (case {source.case_id}): region label {options.region_label} is not "
+            f"a declared label {sorted(source.labels)}"
+        )
+    return placement_region(
+        labels,
+        image.array,
+        user_region=user_region,
+        region_label=options.region_label,
+        organ_labels=organ_values,
+        lesion_labels=lesion_values,
+        modality=source.modality,
+        where=where,
+    )
+
+
 def _target_mask(
     case_id,
     source,
     image: Volume,
-    labels: Volume,
+    labels: np.ndarray,
+    region: PlacementRegion,
     rng,
     pipeline,
     bank,  # noqa: ANN001
     options: SampleOptions,
     lesion_values,
-    organ_values,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     spacing = image.spacing
+    classes = len(lesion_values)
     if options.mask_source == "user":
         if options.user_masks is None:
             raise SynthesisError("mask source 'user' needs a folder of masks (--user-masks)")
         path = Path(options.user_masks) / f"{source.case_id}.nii.gz"
-        user = load_image(path)
-        problems = geometry_differences(image, user)
-        if problems:
-            raise SynthesisError(f"{path}: user mask does not fit {source.image}: {problems[0][1]}")
-        target = np.asarray(user.array)
-        if np.issubdtype(target.dtype, np.floating) and np.any(target != np.round(target)):
-            raise SynthesisError(f"{path}: user mask holds fractional values")
-        target = target.astype(np.int64)
+        try:
+            user = load_mask_for(image, path)
+        except GeometryError as exc:
+            raise SynthesisError(f"user mask of case {source.case_id}: {exc}") from None
+        target = _integer_labels(user, f"case {source.case_id}")
         if not target.any():
             raise SynthesisError(f"{path}: user mask is empty")
-        allowed = PlacementConstraint(
-            tissue_labels=organ_values,
-            min_border_distance_mm=0,
-            min_lesion_distance_mm=0,
-            existing_lesion_labels=(),
-        ).allowed(labels.array, image.array, spacing)
-        if not allowed[target > 0].all():
+        if target.min() < 0 or target.max() > classes:
             raise SynthesisError(
-                f"{path}: user mask reaches outside the allowed tissue {list(organ_values)}"
+                f"{path} (case {source.case_id}): user mask values "
+                f"{np.unique(target).tolist()} outside 0..{classes} (the model's lesion classes)"
             )
-        return target, {"origin": "user", "path": str(path)}
+        outside = int(np.count_nonzero((target > 0) & ~region.mask))
+        if outside:
+            raise SynthesisError(
+                f"{path}: {outside} voxel(s) of the user mask of case {source.case_id} lie "
+                f"outside the placement region ({region.detail})"
+            )
+        return target, {
+            "origin": "user",
+            "path": str(path),
+            "placement_region": region.to_dict(),
+        }
     constraint = PlacementConstraint(
-        tissue_labels=organ_values,
         min_border_distance_mm=options.min_border_distance_mm,
         min_lesion_distance_mm=options.min_lesion_distance_mm,
         existing_lesion_labels=tuple(lesion_values),
     )
-    allowed = constraint.allowed(labels.array, image.array, spacing)
+    allowed = constraint.allowed(labels, image.array, spacing, region=region)
     target = np.zeros(image.shape, dtype=np.int64)
-    facts: dict[str, Any] = {"origin": options.mask_source, "lesions": []}
+    facts: dict[str, Any] = {
+        "origin": options.mask_source,
+        "lesions": [],
+        "placement_region": region.to_dict(),
+    }
     roi = np.asarray(pipeline.roi_size)
     margin = np.ceil(2 * options.dilation_mm / np.asarray(spacing)).astype(int) + 2
     for _ in range(options.lesions_per_case):
@@ -432,7 +586,11 @@ def _target_mask(
                 }
             else:
                 volume = _draw_volume(rng, bank, options.lesion_volume_mm3)
-                patch = procedural_mask(rng, spacing, volume)
+                shape = procedural_mask(rng, spacing, volume)
+                if classes > 1 and bank is not None:  # nested sub-regions, as the real ones
+                    patch = nest_classes(shape, bank.draw_fractions(rng), bank.class_order())
+                else:
+                    patch = shape.astype(np.uint8)
                 drawn = {"volume_mm3": round(float(volume), 2)}
             if patch.any() and np.all(np.asarray(patch.shape) + margin <= roi):
                 break
@@ -440,12 +598,19 @@ def _target_mask(
             raise SynthesisError(
                 f"{case_id}: no lesion drawn fits the model's region of interest {list(roi)}"
             )
-        placed, corner = place_mask(patch, allowed, rng)
-        target[placed] = 1
-        facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(placed.sum())})
+        try:
+            placed, corner = place_mask(patch, allowed, rng)
+        except PlacementError as exc:
+            raise PlacementError(
+                f"{source.image} (case {source.case_id}): {exc} ({region.detail}, "
+                f"{int(allowed.sum())} allowed voxel(s) for a lesion of {list(patch.shape)})"
+            ) from None
+        inside = placed > 0
+        target[inside] = placed[inside]
+        facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(inside.sum())})
         # keep later lesions away from this one
         away = (
-            ndimage.distance_transform_edt(~placed, sampling=spacing)
+            ndimage.distance_transform_edt(~inside, sampling=spacing)
             > options.min_lesion_distance_mm
         )
         allowed &= away
