@@ -377,6 +377,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--mask-source", choices=["bank", "procedural", "user"], default="bank")
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
+    p.add_argument(
+        "--region-masks", default=None,
+        help="folder of {source case id}.nii.gz placement regions (e.g. brain masks): lesions "
+        "go only there (default: the organ labels, else the scan's foreground)",
+    )  # fmt: skip
+    p.add_argument(
+        "--region-label", type=int, default=None,
+        help="a label value of the source's label map that is the placement region",
+    )  # fmt: skip
     p.add_argument("--healthy-only", action="store_true", help="only scans without a lesion")
     p.add_argument("--limit", type=int, default=None, help="at most this many cases")
     p.add_argument(
@@ -416,6 +425,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         device=args.device,
         mask_source=args.mask_source,
         user_masks=Path(args.user_masks) if args.user_masks else None,
+        region_masks=Path(args.region_masks) if args.region_masks else None,
+        region_label=args.region_label,
         healthy_only=args.healthy_only,
         limit=args.limit,
         attributes=_attribute_values(args.attribute),

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
 from scipy import ndimage
 
 from synthlesion.errors import ConfigError
@@ -39,7 +38,11 @@ def background_value(image: np.ndarray) -> float | None:
         image: Voxel values, shape ``S`` (2D or 3D).
     """
     faces = np.concatenate(
-        [np.take(image, index, axis=axis).ravel() for axis in range(image.ndim) for index in (0, -1)]
+        [
+            np.take(image, index, axis=axis).ravel()
+            for axis in range(image.ndim)
+            for index in (0, -1)
+        ]
     )
     if faces.size == 0:
         return None
@@ -51,7 +54,9 @@ def background_value(image: np.ndarray) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def foreground_mask(image: np.ndarray, modality: str = "unknown", *, fill: bool = True) -> np.ndarray:
+def foreground_mask(
+    image: np.ndarray, modality: str = "unknown", *, fill: bool = True
+) -> np.ndarray:
     """Boolean map of the scan's foreground (the body, the head), shape ``S``.
 
     Rules, in order: a constant background (:func:`background_value`) -> every voxel that
@@ -72,6 +77,9 @@ def foreground_mask(image: np.ndarray, modality: str = "unknown", *, fill: bool 
         mask = image > CT_BODY_THRESHOLD_HU
     else:
         sample = image.ravel()[:: max(1, image.size // 500_000)]
+        sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+        if sample.size == 0:
+            return np.zeros(image.shape, dtype=bool)
         mask = image > OTHER_BODY_FRACTION * float(np.percentile(sample, 99))
     if fill and mask.any():
         mask = ndimage.binary_fill_holes(mask)

@@ -49,7 +49,9 @@ class ConnectedLesion:
 
     def class_fractions(self, n_classes: int) -> np.ndarray:
         """Share of the lesion's voxels in each class, shape ``(n_classes,)``."""
-        counts = np.bincount(self.classes[self.classes > 0].astype(np.int64), minlength=n_classes + 1)
+        counts = np.bincount(
+            self.classes[self.classes > 0].astype(np.int64), minlength=n_classes + 1
+        )
         return counts[1:] / max(1, int(counts[1:].sum()))
 
 
@@ -114,9 +116,7 @@ def class_depth_order(lesions: Sequence[ConnectedLesion], n_classes: int) -> tup
     return tuple(int(k) for k in sorted(range(1, n_classes + 1), key=lambda k: (mean[k], k)))
 
 
-def nest_classes(
-    mask: np.ndarray, fractions: Sequence[float], order: Sequence[int]
-) -> np.ndarray:
+def nest_classes(mask: np.ndarray, fractions: Sequence[float], order: Sequence[int]) -> np.ndarray:
     """Split a lesion into nested sub-regions: shells from the border inwards.
 
     Args:

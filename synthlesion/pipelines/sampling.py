@@ -575,7 +575,8 @@ def _target_mask(
     roi = np.asarray(pipeline.roi_size)
     margin = np.ceil(2 * options.dilation_mm / np.asarray(spacing)).astype(int) + 2
     for _ in range(options.lesions_per_case):
-        for _attempt in range(20):
+        placed, problem = None, "no lesion drawn fits the model's region of interest"
+        for _attempt in range(20):  # draw again when a lesion does not fit or has no place
             if options.mask_source == "bank":
                 lesion = bank.draw(rng)
                 patch = jitter_mask(lesion.patch, lesion.spacing, spacing, rng)
@@ -592,19 +593,19 @@ def _target_mask(
                 else:
                     patch = shape.astype(np.uint8)
                 drawn = {"volume_mm3": round(float(volume), 2)}
-            if patch.any() and np.all(np.asarray(patch.shape) + margin <= roi):
+            if not patch.any() or np.any(np.asarray(patch.shape) + margin > roi):
+                continue
+            try:
+                placed, corner = place_mask(patch, allowed, rng)
                 break
-        else:
-            raise SynthesisError(
-                f"{case_id}: no lesion drawn fits the model's region of interest {list(roi)}"
-            )
-        try:
-            placed, corner = place_mask(patch, allowed, rng)
-        except PlacementError as exc:
+            except PlacementError as exc:
+                problem = f"{exc} (a lesion of {list(patch.shape)} voxels)"
+        if placed is None:
             raise PlacementError(
-                f"{source.image} (case {source.case_id}): {exc} ({region.detail}, "
-                f"{int(allowed.sum())} allowed voxel(s) for a lesion of {list(patch.shape)})"
-            ) from None
+                f"{source.image} (case {source.case_id}): no lesion placed after 20 draws: "
+                f"{problem}; placement region: {region.detail}, {int(allowed.sum())} allowed "
+                f"voxel(s), model region of interest {list(roi)}"
+            )
         inside = placed > 0
         target[inside] = placed[inside]
         facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(inside.sum())})

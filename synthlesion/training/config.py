@@ -46,7 +46,9 @@ class PhantomConfig:
     does not exist yet, so a demo config trains with no data at hand.
 
     Attributes:
-        kind: ``"ct"`` (abdomen: liver + lesions) or ``"mri"`` (head: brain + lesions).
+        kind: ``"ct"`` (abdomen: liver + lesions), ``"mri"`` (head: brain + lesions) or
+            ``"brain-mri-multi"`` (FLAIR/T1/T1c/T2 brain tumours, lesion-only labels 1-4,
+            LPS, z-scored; ``max_lesions`` does not apply: one tumour per patient).
         n_patients: Patients to make.
         size: In-plane voxels.
         seed: Phantom seed (the same seed makes byte-identical files).
@@ -55,7 +57,7 @@ class PhantomConfig:
         split_seed: Seed of the patient-level split written to ``data.splits``.
     """
 
-    kind: Literal["ct", "mri"] = "ct"
+    kind: Literal["ct", "mri", "brain-mri-multi"] = "ct"
     n_patients: int = 40
     size: int = 64
     seed: int = 0

@@ -123,16 +123,27 @@ def ensure_phantom(cfg: DataConfig, spatial_dims: int) -> None:
             ph.n_patients,
             folder,
         )
-        made = make_phantom_dataset(
-            folder,
-            kind=ph.kind,
-            spatial_dims=spatial_dims,
-            n_patients=ph.n_patients,
-            size=ph.size,
-            seed=ph.seed,
-            lesion_fraction=ph.lesion_fraction,
-            max_lesions=ph.max_lesions,
-        )
+        if ph.kind == "brain-mri-multi":
+            from synthlesion.data.phantom_brain import make_brain_multiseq_dataset
+
+            made = make_brain_multiseq_dataset(
+                folder,
+                n_patients=ph.n_patients,
+                size=ph.size,
+                seed=ph.seed,
+                lesion_fraction=ph.lesion_fraction,
+            )
+        else:
+            made = make_phantom_dataset(
+                folder,
+                kind=ph.kind,
+                spatial_dims=spatial_dims,
+                n_patients=ph.n_patients,
+                size=ph.size,
+                seed=ph.seed,
+                lesion_fraction=ph.lesion_fraction,
+                max_lesions=ph.max_lesions,
+            )
         if made != dataset and not (dataset.is_dir() and made.parent == dataset):
             raise TrainingDataError(
                 f"data.dataset {dataset} must be the phantom's dataset.json ({made}) or its folder"
@@ -392,7 +403,9 @@ class CropMaker:
         axis = spec.slice_axis
         # the crop in the prepared scan's grid: a 2D cut is a 3D crop one voxel thick
         self.grid_roi = (
-            tuple(spec.roi_size) if axis is None else (*spec.roi_size[:axis], 1, *spec.roi_size[axis:])
+            tuple(spec.roi_size)
+            if axis is None
+            else (*spec.roi_size[:axis], 1, *spec.roi_size[axis:])
         )
 
     def _cut(
@@ -434,7 +447,7 @@ class CropMaker:
 
     # -- lesion crops
     def _lesion(self, rng: np.random.Generator) -> dict[str, Any]:
-        spec, roi = self.spec, self.spec.roi_size
+        spec = self.spec
         case = self.cases[self.lesion_cases[int(rng.integers(len(self.lesion_cases)))]]
         comp = case.components[int(rng.integers(len(case.components)))]
         centre = []

@@ -26,8 +26,8 @@ from scipy import ndimage
 
 from synthlesion.data.cases import Case
 from synthlesion.data.intensity import IntensityNormaliser
-from synthlesion.data.io import load_image
-from synthlesion.data.volume import Volume, require_same_geometry
+from synthlesion.data.io import load_image, load_mask_for
+from synthlesion.data.volume import Volume, align_to_grid
 from synthlesion.errors import GeometryError, ImageReadError, LabelError
 from synthlesion.masks.lesions import connected_lesions
 from synthlesion.masks.placement import PlacementError, placement_region
@@ -275,27 +275,28 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
     if len(case.images) != pre.channels:
         raise ImageReadError(
             case.image,
-            f"case {case.case_id} has {len(case.images)} image channel(s), the run "
-            f"{pre.channels}",
+            f"case {case.case_id} has {len(case.images)} image channel(s), the run {pre.channels}",
             "channels",
         )
     read_dims = 3 if pre.slice_axis is not None else pre.spatial_dims
     channels = [load_image(path, spatial_dims=read_dims) for path in case.images]
     for volume in channels:
-        bad = int(np.count_nonzero(~np.isfinite(volume.array))) if volume.array.dtype.kind == "f" else 0
+        bad = (
+            int(np.count_nonzero(~np.isfinite(volume.array)))
+            if volume.array.dtype.kind == "f"
+            else 0
+        )
         if bad:
             raise ImageReadError(
                 volume.source or case.image,
                 f"case {case.case_id}: {bad} NaN/Inf voxel(s)",
                 "nonfinite",
             )
-    for volume in channels[1:]:
-        try:
-            require_same_geometry(channels[0], volume, pre.tolerance_mm)
-        except GeometryError as exc:
-            raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
-    mask = load_image(case.mask, spatial_dims=read_dims)
-    require_same_geometry(channels[0], mask, pre.tolerance_mm)
+    try:  # every channel and the mask onto the first channel's grid (exact axis reorders only)
+        channels[1:] = [align_to_grid(channels[0], v, pre.tolerance_mm) for v in channels[1:]]
+    except GeometryError as exc:
+        raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
+    mask = load_mask_for(channels[0], case.mask, pre.tolerance_mm)
     label_set = sorted(case.labels)
     mask = as_label_map(mask, label_set)
     channels, mask = [to_ras(v) for v in channels], to_ras(mask)
@@ -471,9 +472,7 @@ def _load_cached(path: Path, case: Case) -> PreparedCase:
         meta: Mapping[str, str] = handle.metadata() or {}
         if meta.get("format") != CACHE_FORMAT or meta.get("case_id") != case.case_id:
             raise ValueError("not a cache file of this case")
-        arrays = {
-            k: handle.get_tensor(k) for k in ("image", "labels", "healthy_centres", "tissue")
-        }
+        arrays = {k: handle.get_tensor(k) for k in ("image", "labels", "healthy_centres", "tissue")}
     components = tuple(
         LesionComponent(tuple(c), tuple(e), int(v), int(k))
         for c, e, v, k in json.loads(meta["components"])
