@@ -30,7 +30,8 @@ class Backend(nn.Module, ABC):
         config: the resolved model config.
         factor: spatial downsampling from image to ``x0`` (1 in pixel space, the VAE factor
             in latent space).
-        x0_channels: channels of ``x0`` (1 in pixel space, the VAE latent channels otherwise).
+        x0_channels: channels of ``x0`` (C, the image channels, in pixel space; the VAE latent
+            channels otherwise).
     """
 
     factor: int = 1

@@ -85,6 +85,7 @@ class PixelBackend(Backend):
     def __init__(self, config: ModelConfig, unet: nn.Module) -> None:
         super().__init__(config)
         self.unet = unet
+        self.x0_channels = config.image_channels
 
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Identity: (B, C, *S) -> (B, C, *S)."""
