@@ -6,7 +6,10 @@
 (b) DPM-Solver++ at 20 steps against DDPM at 1000 steps on the 2D phantom with a trained model
     (``--model``; without one, a small model is trained here first): time ratio and the
     distance between synthetic and real lesion intensity statistics for both;
-(c) on a GPU, seconds per 64^3-ROI lesion (set against LeFusion's ~40 s per lesion on an A100).
+(c) on a GPU, seconds per 64^3-ROI lesion (set against LeFusion's ~40 s per lesion on an A100);
+(d) seconds per lesion for a 4-channel 3D case (FLAIR/T1/T1c/T2 painted jointly by one model)
+    against a 1-channel case, same network body, ROI, steps and scan: the joint model must not
+    cost a model per channel (goal: at most 1.3x).
 
 The last line is one line of JSON holding every figure.
 
@@ -59,7 +62,7 @@ def tiny_3d_model() -> LesionDiffusionModel:
 
 def time_call(
     pipe: LesionSynthesisPipeline,
-    image: Volume,
+    image: Volume | list[Volume],
     lesion: np.ndarray,
     steps: int,
     scheduler: str = "dpmsolver++",
@@ -188,6 +191,56 @@ def _train_small_model(tmp: Path, quick: bool) -> tuple[str, str]:
     return str(result.model_dir), str(tmp / "phantom" / "dataset.json")
 
 
+def part_d(figures: dict, size: int, roi: int, steps: int, repeats: int, device: str) -> None:
+    """Seconds per lesion, 4 channels against 1, interleaved rounds, median of each."""
+    rng = np.random.default_rng(0)
+    shape = (size, size, round(size * 155 / 240))
+    grid = np.meshgrid(*[np.arange(s) - s / 2 for s in shape], indexing="ij")
+    head = sum((g / (s / 2.3)) ** 2 for g, s in zip(grid, shape, strict=True)) <= 1
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, 1 mm
+    channels = [
+        Volume(np.where(head, rng.normal(0, 1, shape), 0.0).astype(np.float32), affine)
+        for _ in range(4)
+    ]
+    lesion = (sum(g**2 for g in grid) <= 10**2).astype(np.uint8)
+    pipes = {}
+    for c in (1, 4):
+        torch.manual_seed(0)
+        model = LesionDiffusionModel.from_config(
+            ModelConfig(
+                spatial_dims=3,
+                image_channels=c,
+                sample_size=roi,
+                channels=(16, 32, 32),
+                attention_levels=(False, False, False),
+                layers_per_block=1,
+                norm_num_groups=8,
+                num_train_timesteps=1000,
+            )
+        )
+        pipes[c] = LesionSynthesisPipeline(
+            model, IntensityNormaliser("percentile"), (roi,) * 3, device=device
+        )
+    inputs = {1: channels[:1], 4: channels}
+    for c in (1, 4):  # warm-up
+        time_call(pipes[c], inputs[c], lesion, 1)
+    seconds: dict[int, list[float]] = {1: [], 4: []}
+    for _ in range(repeats):
+        for c in (1, 4):
+            seconds[c].append(time_call(pipes[c], inputs[c], lesion, steps))
+    one, four = float(np.median(seconds[1])), float(np.median(seconds[4]))
+    ratio = four / one
+    print(
+        f"(d) {shape} scan (LPS, z-scored, constant background), one lesion of radius 10 "
+        f"voxels, ROI {roi}^3, {steps} steps, {device}, median of {repeats} interleaved rounds: "
+        f"1 channel {one:.3f} s, 4 channels {four:.3f} s per lesion -> {ratio:.2f}x "
+        f"(goal <= 1.3x; a model per channel would be 4x)"
+    )
+    figures["channels_s_per_lesion_1ch"] = round(one, 4)
+    figures["channels_s_per_lesion_4ch"] = round(four, 4)
+    figures["channels_ratio_4ch_over_1ch"] = round(ratio, 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="lesion synthesis benchmark")
     parser.add_argument("--quick", action="store_true")
@@ -195,6 +248,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-b", action="store_true", help="timing parts only")
     parser.add_argument("--skip-a", action="store_true", help="quality part only")
+    parser.add_argument("--skip-d", action="store_true", help="no 4-channel vs 1-channel part")
+    parser.add_argument(
+        "--only-channels", action="store_true", help="only part (d): 4 channels against 1"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
@@ -202,6 +259,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     figures: dict = {"bench": "sample", "device": args.device, "threads": torch.get_num_threads()}
+    if args.only_channels:
+        args.skip_a = args.skip_b = True
     if args.skip_a:
         pass
     elif args.quick:
@@ -228,6 +287,11 @@ def main() -> int:
         )
     else:
         print("(c) no GPU here: the GPU figure is not measured")
+    if not args.skip_d:
+        if args.quick:
+            part_d(figures, 96, roi=32, steps=3, repeats=3, device=args.device)
+        else:
+            part_d(figures, 240, roi=48, steps=10, repeats=5, device=args.device)
     print(json.dumps(figures))
     return 0
 

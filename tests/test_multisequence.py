@@ -340,3 +340,55 @@ def test_bad_inputs_are_clear_errors_or_reported_per_case(brain, tmp_path):
     (data / "dataset.json").write_text(json.dumps(spec))
     with pytest.raises(SynthesisError, match=r"values \[5\] were never trained on"):
         run_sampling(brain["model"], data, data / "splits.json", tmp_path / "o6")
+
+
+# --- 2D models from 3D scans -------------------------------------------------------------------
+
+
+def test_a_2d_model_learns_from_axial_slices_of_3d_scans(brain, tmp_path):
+    from synthlesion.training.config import load_train_config
+    from synthlesion.training.data import CropMaker, crop_spec, load_training_data
+
+    raw = {
+        "output_dir": str(tmp_path / "run2d"),
+        "max_steps": 2,
+        "batch_size": 2,
+        "data": {
+            "dataset": str(brain["data"]),
+            "splits": str(brain["splits"]),
+            "roi_size": [16, 16],
+            "slice_axis": 2,
+            "healthy_fraction": 0.3,
+            "region_dilation": 1,
+            "samples_per_epoch": 16,
+        },
+        "model": {
+            "spatial_dims": 2, "image_channels": 4, "lesion_classes": 4, "sample_size": 16,
+            "channels": [8, 8], "attention_levels": [False, False], "layers_per_block": 1,
+            "norm_num_groups": 4, "num_train_timesteps": 20,
+        },  # fmt: skip
+        "validation": {"every_n_steps": 2, "num_crops": 2, "num_preview": 1,
+                       "num_inference_steps": 2},  # fmt: skip
+        "checkpoint": {"every_n_steps": 2},
+    }
+    config = load_train_config(raw)
+    data = load_training_data(config.data, spatial_dims=2, seed=0)
+    assert data.train[0].image.ndim == 4  # prepared scans stay 3D: (C, X, Y, Z)
+    maker = CropMaker(data.train, crop_spec(config.data, data, None))
+    rng = np.random.default_rng(0)
+    lesion_crops = 0
+    for _ in range(12):
+        item = maker.draw(rng)
+        assert item["image"].shape == (4, 16, 16) and item["lesion"].shape == (4, 16, 16)
+        assert item["region"].sum() > 0
+        lesion_crops += int(item["lesion"].sum() > 0)
+    assert lesion_crops > 0
+    lesion = maker.draw(np.random.default_rng(1), healthy=False)
+    assert lesion["lesion"].sum() > 0  # a slice through the tumour
+    from synthlesion.training.loop import train
+
+    result = train(config)
+    record = json.loads((result.model_dir / "training_record.json").read_text())
+    assert record["data"]["slice_axis"] == 2 and record["data"]["image_channels"] == 4
+    with pytest.raises(Exception, match="slice_axis"):
+        load_training_data(config.data, spatial_dims=3, seed=0)

@@ -200,13 +200,13 @@ def run_sampling(
     if skipped:
         logger.info("%d case(s) of val/test patients are not used as sources", skipped)
     presence = {c.case_id: has_lesion_voxels(c, lesion_values) for c in sources}
+    lesion_cases = [c for c in sources if presence[c.case_id]]
     if options.healthy_only:
         sources = [c for c in sources if not presence[c.case_id]]
     sources.sort(key=lambda c: (presence[c.case_id], c.case_id))  # healthy first
     if not sources:
         raise SynthesisError(f"{data}: no labelled source scan in the train split")
 
-    lesion_cases = [c for c in sources if presence[c.case_id]]
     bank = None
     if options.mask_source in ("bank", "procedural"):
         try:
