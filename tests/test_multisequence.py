@@ -363,12 +363,22 @@ def test_a_2d_model_learns_from_axial_slices_of_3d_scans(brain, tmp_path):
             "samples_per_epoch": 16,
         },
         "model": {
-            "spatial_dims": 2, "image_channels": 4, "lesion_classes": 4, "sample_size": 16,
-            "channels": [8, 8], "attention_levels": [False, False], "layers_per_block": 1,
-            "norm_num_groups": 4, "num_train_timesteps": 20,
+            "spatial_dims": 2,
+            "image_channels": 4,
+            "lesion_classes": 4,
+            "sample_size": 16,
+            "channels": [8, 8],
+            "attention_levels": [False, False],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "num_train_timesteps": 20,
         },  # fmt: skip
-        "validation": {"every_n_steps": 2, "num_crops": 2, "num_preview": 1,
-                       "num_inference_steps": 2},  # fmt: skip
+        "validation": {
+            "every_n_steps": 2,
+            "num_crops": 2,
+            "num_preview": 1,
+            "num_inference_steps": 2,
+        },  # fmt: skip
         "checkpoint": {"every_n_steps": 2},
     }
     config = load_train_config(raw)
@@ -392,3 +402,36 @@ def test_a_2d_model_learns_from_axial_slices_of_3d_scans(brain, tmp_path):
     assert record["data"]["slice_axis"] == 2 and record["data"]["image_channels"] == 4
     with pytest.raises(Exception, match="slice_axis"):
         load_training_data(config.data, spatial_dims=3, seed=0)
+
+
+# --- channels as files, as a 4D file, as manifest columns --------------------------------------
+
+
+def test_channels_from_a_4d_file_and_from_manifest_columns_read_alike(tmp_path):
+    from synthlesion.data.io import load_channels
+    from synthlesion.data.sources import load_manifest
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([-1.5, -1.5, 2.0, 1.0])
+    stack = rng.normal(size=(6, 5, 4, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(stack, affine), str(tmp_path / "case_4d.nii.gz"))
+    for c, name in enumerate(("flair", "t1", "t2")):
+        nib.save(nib.Nifti1Image(stack[..., c], affine), str(tmp_path / f"case_{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.uint8), affine), str(tmp_path / "seg.nii.gz"))
+    (tmp_path / "cases.csv").write_text(
+        "case_id,image_flair,image_t1,image_t2,mask\n"
+        "case,case_flair.nii.gz,case_t1.nii.gz,case_t2.nii.gz,seg.nii.gz\n"
+    )
+    (case,) = load_manifest(tmp_path / "cases.csv")
+    assert case.modalities == ("flair", "t1", "t2") and case.channel_count == 3
+    assert "image_t1" not in case.provenance
+    from_files = load_channels(case.images)
+    from_4d = load_channels([tmp_path / "case_4d.nii.gz"])
+    assert len(from_files) == len(from_4d) == 3
+    for a, b in zip(from_files, from_4d, strict=True):
+        assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine)
+    (tmp_path / "bad.csv").write_text("case_id,image_flair,image_t1\ncase,case_flair.nii.gz,\n")
+    from synthlesion.errors import CaseSourceError
+
+    with pytest.raises(CaseSourceError, match=r"image_t1"):
+        load_manifest(tmp_path / "bad.csv")

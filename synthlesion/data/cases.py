@@ -53,6 +53,14 @@ class Case:
             raise ValueError(f"case {self.case_id}: origin must be 'real' or 'synthetic'")
 
     @property
+    def channel_count(self) -> int:
+        """Image channels of the case: one per file, or the declared channels of a single 4D
+        file (Medical Segmentation Decathlon images hold them on their last axis)."""
+        if len(self.images) == 1 and len(self.modalities) > 1:
+            return len(self.modalities)
+        return len(self.images)
+
+    @property
     def image(self) -> Path:
         """The first channel's path."""
         return self.images[0]

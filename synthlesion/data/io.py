@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -105,8 +106,13 @@ def load_nifti(
     spatial_dims: int | None = None,
     on_form_mismatch: FormMismatchPolicy = "error",
     form_tolerance_mm: float = 1e-3,
+    channels_last: bool = False,
 ) -> Volume:
-    """Read a ``.nii`` or ``.nii.gz`` file fully; see :func:`load_image` for the arguments."""
+    """Read a ``.nii`` or ``.nii.gz`` file fully; see :func:`load_image` for the arguments.
+
+    ``channels_last`` returns a 4D file as it is (shape ``(X, Y, Z, C)``), for
+    :func:`load_channels`; otherwise 4D data is refused.
+    """
     path = Path(path)
     raw = read_nifti_bytes(path)
     image = _parse_nifti(path, raw)
@@ -134,7 +140,47 @@ def load_nifti(
                 )
             logger.warning("%s: qform and sform disagree by %.3g mm; using sform", path, difference)
     volume = Volume(array, image.affine, header, path, meta)
+    if channels_last and array.ndim == 4:
+        return volume
     return _check_dims(volume, spatial_dims)
+
+
+def load_channels(paths: Sequence[str | Path], *, spatial_dims: int | None = None) -> list[Volume]:
+    """Every image channel of one case, one :class:`Volume` each, all on one grid.
+
+    A case stores its channels as one file per channel (nnU-Net ``_0000``, ``_0001``...), or as
+    one 4D NIfTI whose last axis holds the channels (Medical Segmentation Decathlon); both give
+    the same list. Channels stored in another axis order than the first are read onto its grid
+    exactly (:func:`~synthlesion.data.volume.align_to_grid`).
+
+    Raises:
+        ImageReadError: a missing or unreadable channel file (named).
+        GeometryError: channels that do not share one physical grid.
+    """
+    volumes: list[Volume] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() or not is_nifti(path):
+            volumes.append(load_image(path, spatial_dims=spatial_dims))
+            continue
+        volume = load_nifti(path, spatial_dims=spatial_dims, channels_last=True)
+        if volume.array.ndim == 4 and spatial_dims in (None, 3):
+            for c in range(volume.array.shape[3]):
+                volumes.append(
+                    Volume(
+                        np.ascontiguousarray(volume.array[..., c]),
+                        volume.affine,
+                        volume.header,
+                        volume.source,
+                        {**volume.meta, "channel_index": c},
+                    )
+                )
+        else:
+            volumes.append(_check_dims(volume, spatial_dims))
+    if not volumes:
+        raise ImageReadError(Path("<case>"), "no image channel given", "channels")
+    first = volumes[0]
+    return [first, *(align_to_grid(first, v) for v in volumes[1:])]
 
 
 def save_image(volume: Volume, path: str | Path, *, compresslevel: int = 6) -> Path:

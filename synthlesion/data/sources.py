@@ -254,7 +254,9 @@ def load_manifest(
 ) -> list[Case]:
     """Read a CSV/TSV (header row) or JSONL manifest of cases.
 
-    Columns: ``case_id`` and ``image`` are required; ``images`` (channels joined by ``;``),
+    Columns: ``case_id`` and ``image`` are required; several channels come as ``images``
+    (paths joined by ``;``) or as one column per channel named ``image_<channel>`` (e.g.
+    ``image_flair``, ``image_t1``: the channels in column order, named after the suffix);
     ``mask`` (or ``label``), ``patient_id``, ``modality``, ``origin``, ``labels`` (JSON
     ``{"0": "background", "1": "lesion"}``) and ``has_lesion`` are optional. Relative paths are
     relative to the manifest's folder. Unknown columns are kept in the case's provenance.
@@ -268,6 +270,16 @@ def load_manifest(
         if not case_id:
             raise CaseSourceError(f"{where}: 'case_id' is missing")
         image_field = row.get("images") or row.get("image")
+        channel_columns = [k for k in row if k.startswith("image_")]
+        channel_names: tuple[str, ...] = ()
+        if not image_field and channel_columns:
+            empty = [k for k in channel_columns if not str(row.get(k) or "").strip()]
+            if empty:
+                raise CaseSourceError(
+                    f"{where} (case {case_id}): channel column(s) {empty} are empty"
+                )
+            image_field = [str(row[k]) for k in channel_columns]
+            channel_names = tuple(k[len("image_") :] for k in channel_columns)
         if not image_field:
             raise CaseSourceError(f"{where} (case {case_id}): 'image' is missing")
         images = image_field if isinstance(image_field, list) else str(image_field).split(";")
@@ -287,7 +299,11 @@ def load_manifest(
         origin = str(row.get("origin") or "real").strip()
         if origin not in ("real", "synthetic"):
             raise CaseSourceError(f"{where} (case {case_id}): origin must be real or synthetic")
-        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS}
+        extra = {
+            k: v
+            for k, v in row.items()
+            if k not in MANIFEST_COLUMNS and not (channel_names and k.startswith("image_"))
+        }
         cases.append(
             Case(
                 case_id=case_id,
@@ -295,6 +311,7 @@ def load_manifest(
                 images=tuple(_resolve(path.parent, p.strip(), where) for p in images),
                 mask=_resolve(path.parent, str(mask_field).strip(), where) if mask_field else None,
                 modality=str(row.get("modality") or modality or "unknown"),
+                modalities=channel_names,
                 labels=labels,
                 origin=origin,  # type: ignore[arg-type]
                 provenance={"source": str(path), "line": line, **extra},

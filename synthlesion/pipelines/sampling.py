@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image, load_mask_for, save_image
+from synthlesion.data.io import load_channels, load_image, load_mask_for, save_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.data.volume import Volume
@@ -318,10 +318,10 @@ def _require_model_fits_data(
     want = int(facts.get("image_channels", 1))
     names = [str(n) for n in facts.get("channel_names", [])]
     for case in sources:
-        have = list(case.modalities)[: len(case.images)]
-        if len(case.images) != want:
+        have = list(case.modalities)[: case.channel_count]
+        if case.channel_count != want:
             raise SynthesisError(
-                f"{data}: case {case.case_id} has {len(case.images)} image channel(s) "
+                f"{data}: case {case.case_id} has {case.channel_count} image channel(s) "
                 f"{have}, the model {model_dir} was trained on {want} {names}"
             )
         known = [n for n in have if n.lower() != "unknown"]
@@ -391,13 +391,11 @@ def _make_case(
     seed = case_seed(options.seed, case_id)
     rng = np.random.default_rng(seed)
     where = f"case {source.case_id}"
-    channels = [load_image(path) for path in source.images]
+    try:
+        channels = load_channels(source.images)
+    except GeometryError as exc:
+        raise SynthesisError(f"{where}: channels differ: {exc}") from None
     image = channels[0]
-    for other in channels[1:]:
-        if other.shape != image.shape or not np.allclose(other.affine, image.affine, atol=1e-3):
-            raise SynthesisError(
-                f"{other.source} ({where}): channel grid does not match {image.source}"
-            )
     for volume in channels:
         if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
             raise SynthesisError(f"{volume.source} ({where}): NaN/Inf voxels")

@@ -221,14 +221,14 @@ def load_training_data(
     modality = modalities[0]
     channel_names = train[0].modalities
     odd = [
-        f"{c.case_id} ({len(c.images)} channel(s) {list(c.modalities)})"
+        f"{c.case_id} ({c.channel_count} channel(s) {list(c.modalities)})"
         for c in train
-        if len(c.images) != len(train[0].images) or c.modalities != channel_names
+        if c.channel_count != train[0].channel_count or c.modalities != channel_names
     ]
     if odd:
         raise TrainingDataError(
             f"{cfg.dataset}: train cases differ in their image channels; {train[0].case_id} has "
-            f"{len(train[0].images)} {list(channel_names)}, but {', '.join(odd[:5])}"
+            f"{train[0].channel_count} {list(channel_names)}, but {', '.join(odd[:5])}"
         )
     if cfg.slice_axis is not None and spatial_dims != 2:
         raise TrainingDataError(
@@ -243,7 +243,7 @@ def load_training_data(
         organ_labels=organ_labels,
         healthy_margin=cfg.region_dilation + 1,
         tolerance_mm=cfg.tolerance_mm,
-        channels=len(train[0].images),
+        channels=train[0].channel_count,
         modality=modality,
         slice_axis=cfg.slice_axis,
     )

@@ -26,8 +26,8 @@ from scipy import ndimage
 
 from synthlesion.data.cases import Case
 from synthlesion.data.intensity import IntensityNormaliser
-from synthlesion.data.io import load_image, load_mask_for
-from synthlesion.data.volume import Volume, align_to_grid
+from synthlesion.data.io import load_channels, load_mask_for
+from synthlesion.data.volume import Volume
 from synthlesion.errors import GeometryError, ImageReadError, LabelError
 from synthlesion.masks.lesions import connected_lesions
 from synthlesion.masks.placement import PlacementError, placement_region
@@ -272,14 +272,17 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
         raise ImageReadError(
             case.image, f"case {case.case_id} has no mask; training needs one", "no_mask"
         )
-    if len(case.images) != pre.channels:
+    read_dims = 3 if pre.slice_axis is not None else pre.spatial_dims
+    try:  # every channel onto the first channel's grid (exact axis reorders only)
+        channels = load_channels(case.images, spatial_dims=read_dims)
+    except GeometryError as exc:
+        raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
+    if len(channels) != pre.channels:
         raise ImageReadError(
             case.image,
-            f"case {case.case_id} has {len(case.images)} image channel(s), the run {pre.channels}",
+            f"case {case.case_id} has {len(channels)} image channel(s), the run {pre.channels}",
             "channels",
         )
-    read_dims = 3 if pre.slice_axis is not None else pre.spatial_dims
-    channels = [load_image(path, spatial_dims=read_dims) for path in case.images]
     for volume in channels:
         bad = (
             int(np.count_nonzero(~np.isfinite(volume.array)))
@@ -292,10 +295,6 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
                 f"case {case.case_id}: {bad} NaN/Inf voxel(s)",
                 "nonfinite",
             )
-    try:  # every channel and the mask onto the first channel's grid (exact axis reorders only)
-        channels[1:] = [align_to_grid(channels[0], v, pre.tolerance_mm) for v in channels[1:]]
-    except GeometryError as exc:
-        raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
     mask = load_mask_for(channels[0], case.mask, pre.tolerance_mm)
     label_set = sorted(case.labels)
     mask = as_label_map(mask, label_set)
