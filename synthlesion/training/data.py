@@ -427,7 +427,8 @@ class CropMaker:
         axis = self.spec.slice_axis
         return tuple(0 if a == axis else slice(None) for a in range(3))
 
-    def _crop_spacing(self, case: PreparedCase) -> tuple[float, ...]:
+    def crop_spacing(self, case: PreparedCase) -> tuple[float, ...]:
+        """Voxel size (mm) of the crops drawn from ``case`` (in-plane only for 2D cuts)."""
         axis = self.spec.slice_axis
         if axis is None:
             return case.spacing
@@ -478,7 +479,7 @@ class CropMaker:
             image, labels, tissue, start = self._cut(case, centre)
             local = [c - s for a, (c, s) in enumerate(zip(centre, start, strict=True))
                      if a != spec.slice_axis]  # fmt: skip
-            blob = self._blob(rng, self._crop_spacing(case), local)
+            blob = self._blob(rng, self.crop_spacing(case), local)
             lesion_any = np.isin(labels, spec.lesion_labels)
             if lesion_any.any() and self.dilation is not None:
                 lesion_any = ndimage.binary_dilation(lesion_any, self.dilation)

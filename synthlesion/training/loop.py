@@ -319,7 +319,7 @@ def train(
         val_items = fixed_crops(
             eval_maker, val.seed, max(val.num_crops, val.num_preview), val.num_preview
         )
-        by_id = {p.case_id: p.spacing for p in data.evaluation}
+        by_id = {p.case_id: eval_maker.crop_spacing(p) for p in data.evaluation}
         spacings = [by_id[item["case_id"]] for item in val_items]
 
     def save(step: int) -> Path:
