@@ -435,3 +435,37 @@ def test_channels_from_a_4d_file_and_from_manifest_columns_read_alike(tmp_path):
 
     with pytest.raises(CaseSourceError, match=r"image_t1"):
         load_manifest(tmp_path / "bad.csv")
+
+
+def test_each_ct_phase_is_windowed_on_its_own_and_restored(tmp_path):
+    from synthlesion.data.cases import Case
+    from synthlesion.data.intensity import IntensityNormaliser
+    from synthlesion.training.preprocess import Preprocessing, prepare_case
+
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 12)
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    body = np.full(shape, -1000, np.int16)
+    body[3:21, 3:21, :] = 40
+    arterial = (body + rng.normal(0, 8, shape)).astype(np.int16)
+    venous = (body + 60 + rng.normal(0, 8, shape)).astype(np.int16)
+    for name, array in (("art", arterial), ("ven", venous)):
+        nib.save(nib.Nifti1Image(array, affine), str(tmp_path / f"{name}.nii.gz"))
+    mask = np.zeros(shape, np.uint8)
+    mask[10:14, 10:14, 5:8] = 1
+    nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "seg.nii.gz"))
+    case = Case(
+        "c", "p", (tmp_path / "art.nii.gz", tmp_path / "ven.nii.gz"), tmp_path / "seg.nii.gz",
+        modality="CT", labels={0: "background", 1: "tumour"}, modalities=("arterial", "venous"),
+    )  # fmt: skip
+    norm = IntensityNormaliser("window", windows=((-100.0, 200.0), (0.0, 300.0)))
+    pre = Preprocessing(3, None, norm, (1,), (), 1, channels=2, modality="CT")
+    prepared = prepare_case(case, pre)
+    assert prepared.image.shape == (2, *shape)
+    inside = prepared.tissue
+    # the same tissue (40 HU arterial, 100 HU venous) sits at its own window position
+    assert np.median(prepared.image[0][inside]) == pytest.approx((40 + 100) / 300 * 2 - 1, abs=0.1)
+    assert np.median(prepared.image[1][inside]) == pytest.approx(100 / 300 * 2 - 1, abs=0.1)
+    assert norm.range_of(arterial, 1) == (0.0, 300.0)
+    with pytest.raises(ConfigError, match="channel 2 has none"):
+        norm.range_of(arterial, 2)

@@ -96,19 +96,36 @@ class IntensityNormaliser:
         window: ``(low, high)`` in image units for ``"window"`` (e.g. ``(-200, 300)`` HU).
         percentiles: ``(low, high)`` percentiles for ``"percentile"`` (e.g. ``(0.5, 99.5)``).
         clip: Clip normalised values to [-1, 1].
+        windows: ``"window"`` mode with several channels (CT phases): one ``(low, high)`` per
+            channel, in channel order; empty uses ``window`` for every channel.
     """
 
     mode: Literal["window", "percentile"] = "window"
     window: tuple[float, float] = (-200.0, 300.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
     clip: bool = True
+    windows: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("window", "percentile"):
             raise ConfigError(f"intensity mode must be 'window' or 'percentile', got {self.mode!r}")
-        low, high = self.window if self.mode == "window" else self.percentiles
-        if not high > low:
-            raise ConfigError(f"intensity {self.mode} needs low < high, got ({low}, {high})")
+        object.__setattr__(
+            self, "windows", tuple((float(lo), float(hi)) for lo, hi in self.windows)
+        )
+        pairs = [self.window, *self.windows] if self.mode == "window" else [self.percentiles]
+        for low, high in pairs:
+            if not high > low:
+                raise ConfigError(f"intensity {self.mode} needs low < high, got ({low}, {high})")
+
+    def window_of(self, channel: int) -> tuple[float, float]:
+        """The window of ``channel`` (``windows[channel]``, else ``window``)."""
+        if not self.windows:
+            return float(self.window[0]), float(self.window[1])
+        if not 0 <= channel < len(self.windows):
+            raise ConfigError(
+                f"intensity windows name {len(self.windows)} channel(s); channel {channel} has none"
+            )
+        return self.windows[channel]
 
     @classmethod
     def for_modality(cls, modality: str) -> IntensityNormaliser:
@@ -117,14 +134,15 @@ class IntensityNormaliser:
             return cls("window", (-200.0, 300.0))
         return cls("percentile", percentiles=(0.5, 99.5))
 
-    def range_of(self, image: np.ndarray) -> tuple[float, float]:
-        """The ``(low, high)`` image values that map to -1 and +1 for this ``image``.
+    def range_of(self, image: np.ndarray, channel: int = 0) -> tuple[float, float]:
+        """The ``(low, high)`` image values that map to -1 and +1 for this ``image`` (the
+        ``channel``-th channel of its case).
 
         Percentiles are taken over the foreground (:func:`foreground_mask`), so a constant
         background (z-scored MRI) or an air margin does not pull the low end.
         """
         if self.mode == "window":
-            return float(self.window[0]), float(self.window[1])
+            return self.window_of(channel)
         inside = foreground_mask(image, fill=False)
         values = image[inside] if inside.any() else image.ravel()
         values = values.ravel()[:: max(1, values.size // 500_000)]
@@ -132,10 +150,11 @@ class IntensityNormaliser:
         return float(low), float(max(high, low + 1e-6))
 
     def normalise(
-        self, image: np.ndarray, value_range: tuple[float, float] | None = None
+        self, image: np.ndarray, value_range: tuple[float, float] | None = None, channel: int = 0
     ) -> np.ndarray:
-        """Image values -> float32 in [-1, 1] (clipped when ``clip``)."""
-        low, high = value_range or self.range_of(image)
+        """Image values -> float32 in [-1, 1] (clipped when ``clip``); ``channel`` picks the
+        window when none is given."""
+        low, high = value_range or self.range_of(image, channel)
         out = (image.astype(np.float32) - low) / (high - low) * 2.0 - 1.0
         return np.clip(out, -1.0, 1.0) if self.clip else out
 

@@ -220,6 +220,7 @@ class LesionSynthesisPipeline:
             mode=intensity["mode"],
             window=tuple(intensity["window"]),
             percentiles=tuple(intensity["percentiles"]),
+            windows=tuple(tuple(w) for w in intensity.get("windows", [])),
         )
         if data.get("spacing_resampled") and data.get("spacing"):
             kwargs.setdefault("train_spacing", data["spacing"])
@@ -457,7 +458,7 @@ class LesionSynthesisPipeline:
         planned = self.plan_regions(
             lesion_mask, image.spacing, dilation_mm, feather_mm, factor, region_mask
         )
-        ranges = [self.normaliser.range_of(a) for a in sources]  # each channel on its own
+        ranges = [self.normaliser.range_of(a, c) for c, a in enumerate(sources)]  # each its own
         value_range = ranges[0]
         # 3. crops and conditioning (each crop sees only its own lesion and region)
         crops = [self._crop_inputs(sources, lesion_mask, r, local, ranges) for r, local in planned]

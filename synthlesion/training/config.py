@@ -33,11 +33,14 @@ class IntensityConfig:
             ``"window"`` or ``"percentile"``.
         window: ``[low, high]`` image units (HU for CT) mapped to [-1, 1] in ``window`` mode.
         percentiles: ``[low, high]`` percentiles of each scan's foreground mapped to [-1, 1].
+        windows: ``window`` mode for several channels (CT phases): one ``[low, high]`` per
+            channel; empty uses ``window`` for all. Every channel is normalised on its own.
     """
 
     mode: Literal["auto", "window", "percentile"] = "auto"
     window: tuple[float, float] = (-200.0, 300.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
+    windows: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,12 @@ def load_training_data(
             f"{cfg.dataset}: train cases differ in their image channels; {train[0].case_id} has "
             f"{train[0].channel_count} {list(channel_names)}, but {', '.join(odd[:5])}"
         )
+    windows = cfg.intensity.windows
+    if windows and len(windows) != train[0].channel_count:
+        raise TrainingDataError(
+            f"data.intensity.windows gives {len(windows)} window(s) but the cases have "
+            f"{train[0].channel_count} channel(s) {list(channel_names)}: one window per channel"
+        )
     if cfg.slice_axis is not None and spatial_dims != 2:
         raise TrainingDataError(
             f"data.slice_axis {cfg.slice_axis} cuts 3D scans into 2D slices: it needs a 2D model "
@@ -309,7 +315,12 @@ def _normaliser(cfg: DataConfig, modality: str) -> IntensityNormaliser:
     mode = cfg.intensity.mode
     if mode == "auto":
         mode = "window" if modality.upper() == "CT" else "percentile"
-    return IntensityNormaliser(mode, tuple(cfg.intensity.window), tuple(cfg.intensity.percentiles))
+    return IntensityNormaliser(
+        mode,
+        tuple(cfg.intensity.window),
+        tuple(cfg.intensity.percentiles),
+        windows=tuple(tuple(w) for w in cfg.intensity.windows),
+    )
 
 
 # --- crops ----------------------------------------------------------------------------------

@@ -140,6 +140,7 @@ def intensity_record(intensity: IntensityNormaliser) -> dict:
         "window": [float(v) for v in intensity.window],
         "percentiles": [float(v) for v in intensity.percentiles],
         "clip": intensity.clip,
+        "windows": [[float(lo), float(hi)] for lo, hi in intensity.windows],
     }
 
 
@@ -310,7 +311,10 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
         channels = [resample(v, spacing, is_mask=False) for v in channels]
         mask = resample(mask, spacing, is_mask=True, label_set=label_set)
     array = np.stack(
-        [pre.intensity.normalise(v.array).astype(np.float32, copy=False) for v in channels]
+        [
+            pre.intensity.normalise(v.array, channel=c).astype(np.float32, copy=False)
+            for c, v in enumerate(channels)
+        ]
     )
     labels = np.ascontiguousarray(mask.array)
     try:
