@@ -142,7 +142,7 @@ def make_model(
 
 def make_batch(config: ModelConfig, batch_size: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    image = torch.rand((batch_size, 1, 16, 16), generator=g) * 2 - 1
+    image = torch.rand((batch_size, config.image_channels, 16, 16), generator=g) * 2 - 1
     region = torch.zeros((batch_size, 1, 16, 16))
     region[..., 4:12, 3:11] = 1
     lesion = torch.zeros((batch_size, config.lesion_classes, 16, 16))
@@ -380,3 +380,23 @@ def test_loading_refuses_broken_latent_folders(sd_folder, tmp_path):
     shutil.rmtree(pickled / "tokenizer")
     with pytest.raises(ModelFolderError, match="tokenizer/"):
         make_model(pickled)
+
+
+@pytest.mark.parametrize("backend", ["latent_inpaint", "controlnet"])
+def test_two_channels_go_through_the_vae_and_come_back_as_two(sd_plain_folder, sd_folder, backend):
+    folder = sd_plain_folder if backend == "controlnet" else sd_folder
+    model = make_model(folder, backend, image_channels=2).eval()
+    if backend == "controlnet":  # the plain base does not see the context: 2 context channels
+        assert model.backend.controlnet.config.conditioning_channels == 2 + 1 + 1
+        randomise(model.backend.controlnet)  # zero convolutions ignore the control at first
+    batch = make_batch(model.config)
+    loss = model.training_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        decoded = model.decode(model.encode(batch["image"]))
+    assert decoded.shape == (2, 2, 16, 16)
+    noisy, t = noisy_like(model, batch)
+    with torch.no_grad():
+        base = model.predict(noisy, t, batch)
+        swapped = model.predict(noisy, t, {**batch, "image": batch["image"].flip(1)})
+    assert not torch.allclose(base, swapped)  # the channels are seen, in order
