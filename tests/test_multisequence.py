@@ -469,3 +469,22 @@ def test_each_ct_phase_is_windowed_on_its_own_and_restored(tmp_path):
     assert norm.range_of(arterial, 1) == (0.0, 300.0)
     with pytest.raises(ConfigError, match="channel 2 has none"):
         norm.range_of(arterial, 2)
+
+
+def test_hand_crafted_lesions_also_stay_inside_the_head(brain, tmp_path):
+    from synthlesion.evaluation.config import HandcraftedConfig
+    from synthlesion.evaluation.handcrafted import run_handcrafted
+
+    out = tmp_path / "hc"
+    report = run_handcrafted(
+        brain["data"], brain["splits"], out, HandcraftedConfig(healthy_only=False, limit=3)
+    )
+    assert report.written
+    for row in _rows(out / "manifest.jsonl"):
+        source = row["source_case"]
+        first = nib.load(brain["data"] / "imagesTr" / f"{source}_0000.nii.gz")
+        head = foreground_mask(np.asarray(first.dataobj))
+        labels = np.asarray(nib.load(out / row["mask"]).dataobj)
+        before = np.asarray(nib.load(brain["data"] / "labelsTr" / f"{source}.nii.gz").dataobj)
+        new = labels != before
+        assert new.any() and not (new & ~head).any()

@@ -28,13 +28,19 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image, save_image
+from synthlesion.data.io import load_image, load_mask_for, save_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.errors import SynthlesionError
 from synthlesion.evaluation.config import HandcraftedConfig
 from synthlesion.evaluation.errors import EvaluationError
-from synthlesion.masks import PlacementConstraint, PlacementError, place_mask, procedural_mask
+from synthlesion.masks import (
+    PlacementConstraint,
+    PlacementError,
+    place_mask,
+    placement_region,
+    procedural_mask,
+)
 from synthlesion.pipelines.quality import lesion_statistics
 from synthlesion.pipelines.sampling import case_seed
 from synthlesion.storage import atomic_write_text
@@ -279,16 +285,23 @@ def _make_case(
     seed = case_seed(options.seed, case_id)
     rng = np.random.default_rng(seed)
     image = load_image(source.image)
-    labels = load_image(source.mask)  # type: ignore[arg-type]
+    labels = load_mask_for(image, source.mask)  # type: ignore[arg-type]
     spacing = image.spacing
+    region = placement_region(  # organ labels, else the scan's foreground: never the air
+        labels.array,
+        image.array,
+        organ_labels=fit.organ_values,
+        lesion_labels=fit.lesion_values,
+        modality=source.modality,
+        where=f"{source.image} (case {source.case_id})",
+    )
     constraint = PlacementConstraint(
-        tissue_labels=fit.organ_values,
         min_border_distance_mm=options.min_border_distance_mm,
         min_lesion_distance_mm=5.0,
         existing_lesion_labels=fit.lesion_values,
     )
-    allowed = constraint.allowed(labels.array, image.array, spacing)
-    tissue = np.isin(labels.array, fit.organ_values)
+    allowed = constraint.allowed(labels.array, image.array, spacing, region=region)
+    tissue = region.mask
     values = image.array.astype(np.float64)
     label_map = labels.array.copy()
     lesions = []
