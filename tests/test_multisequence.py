@@ -488,3 +488,33 @@ def test_hand_crafted_lesions_also_stay_inside_the_head(brain, tmp_path):
         before = np.asarray(nib.load(brain["data"] / "labelsTr" / f"{source}.nii.gz").dataobj)
         new = labels != before
         assert new.any() and not (new & ~head).any()
+
+
+def test_training_blobs_stay_inside_the_users_region_masks(brain, tmp_path):
+    from synthlesion.training.config import load_train_config
+    from synthlesion.training.data import load_training_data
+    from synthlesion.training.preprocess import to_ras
+
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    for path in sorted((brain["data"] / "brainmasks").glob("*.nii.gz")):
+        volume = load_image(path)
+        half = np.asarray(volume.array).copy()
+        half[: half.shape[0] // 2] = 0  # only one hemisphere (in stored, LPS voxel order)
+        save_image(volume.with_array(half), regions / path.name)
+    raw = {
+        "output_dir": str(tmp_path / "unused"),
+        "data": {
+            "dataset": str(brain["data"]),
+            "splits": str(brain["splits"]),
+            "roi_size": [16, 16, 16],
+            "region_masks": str(regions),
+        },  # fmt: skip
+        "model": {"spatial_dims": 3, "image_channels": 4, "lesion_classes": 4},
+    }
+    data = load_training_data(load_train_config(raw).data, spatial_dims=3, seed=0)
+    for prepared in data.train:
+        allowed = to_ras(load_image(regions / f"{prepared.case_id}.nii.gz")).array > 0
+        lesions = np.isin(prepared.labels, [1, 2, 3, 4])
+        assert prepared.tissue.any() and not (prepared.tissue & ~(allowed | lesions)).any()
+        assert all(allowed[tuple(c)] for c in prepared.healthy_centres)

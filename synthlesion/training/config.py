@@ -89,7 +89,11 @@ class DataConfig:
         lesion_labels: Label values that are lesions, in class order; ``None`` takes the
             labels whose names say lesion/tumour/nodule... (or every non-zero one).
         organ_labels: Labels of the tissue healthy-tissue blobs are placed in; ``None`` takes
-            every label that is neither background nor lesion; ``[]`` means the body.
+            every label that is neither background nor lesion; ``[]`` means the scan's
+            foreground (the placement rule of :func:`synthlesion.masks.placement_region`).
+        region_masks: Folder of ``{case_id}.nii.gz`` placement regions (e.g. brain masks) that
+            healthy-tissue blobs must stay inside; comes before the organ labels (as
+            ``synthlesion sample --region-masks``).
         healthy_fraction: Share of crops centred in healthy tissue, with a random blob as
             region and an empty lesion channel ("fill with healthy tissue").
         region_dilation: Voxels the lesion is dilated by to make the region to fill.
@@ -122,6 +126,7 @@ class DataConfig:
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     lesion_labels: tuple[int, ...] | None = None
     organ_labels: tuple[int, ...] | None = None
+    region_masks: Path | None = None
     healthy_fraction: float = 0.2
     region_dilation: int = 2
     center_jitter: float = 0.25

@@ -252,6 +252,7 @@ def load_training_data(
         channels=train[0].channel_count,
         modality=modality,
         slice_axis=cfg.slice_axis,
+        region_masks=cfg.region_masks,
     )
     prepared = prepare_cases(train, pre, cache_dir=cfg.cache_dir, workers=cfg.preprocess_workers)
     n_lesions = sum(len(p.components) for p in prepared)

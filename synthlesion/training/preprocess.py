@@ -57,6 +57,8 @@ class Preprocessing:
         modality: The cases' modality (``CT`` picks the HU body rule for the foreground).
         slice_axis: For a 2D model trained on 3D scans: the RAS axis (0, 1 or 2) the scans are
             cut along into 2D slices; ``None`` when scans and model have the same dimensions.
+        region_masks: Folder of ``{case_id}.nii.gz`` placement regions (e.g. brain masks):
+            where healthy-tissue blobs may go, before the organ labels and the foreground.
     """
 
     spatial_dims: int
@@ -69,6 +71,7 @@ class Preprocessing:
     channels: int = 1
     modality: str = "unknown"
     slice_axis: int | None = None
+    region_masks: Path | None = None
 
     def key(self) -> dict:
         return {
@@ -82,6 +85,7 @@ class Preprocessing:
             "channels": self.channels,
             "modality": self.modality,
             "slice_axis": self.slice_axis,
+            "region_masks": str(Path(self.region_masks).resolve()) if self.region_masks else None,
         }
 
 
@@ -299,6 +303,13 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
     mask = load_mask_for(channels[0], case.mask, pre.tolerance_mm)
     label_set = sorted(case.labels)
     mask = as_label_map(mask, label_set)
+    region = None
+    if pre.region_masks is not None:  # the user's placement region for this case
+        path = Path(pre.region_masks) / f"{case.case_id}.nii.gz"
+        if not path.is_file():
+            raise ImageReadError(path, f"no region mask for case {case.case_id}", "missing")
+        user = load_mask_for(channels[0], path, pre.tolerance_mm)
+        region = to_ras(user.with_array((np.asarray(user.array) != 0).astype(np.uint8)))
     channels, mask = [to_ras(v) for v in channels], to_ras(mask)
     require_label_map(mask.array, label_set, f"{case.mask} (after reorientation)")
     if pre.spacing is not None:
@@ -310,6 +321,8 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
                 spacing[axis] = value
         channels = [resample(v, spacing, is_mask=False) for v in channels]
         mask = resample(mask, spacing, is_mask=True, label_set=label_set)
+        if region is not None:
+            region = resample(region, spacing, is_mask=True, label_set=(0, 1))
     array = np.stack(
         [
             pre.intensity.normalise(v.array, channel=c).astype(np.float32, copy=False)
@@ -321,6 +334,7 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
         tissue = placement_region(
             labels,
             channels[0].array,
+            user_region=region.array if region is not None else None,
             organ_labels=pre.organ_labels,
             lesion_labels=pre.lesion_labels,
             modality=pre.modality,
@@ -433,7 +447,8 @@ def prepare_cases(
 
 def _cache_key(case: Case, pre: Preprocessing) -> str:
     files = []
-    for path in (*case.images, case.mask):
+    region = Path(pre.region_masks) / f"{case.case_id}.nii.gz" if pre.region_masks else None
+    for path in (*case.images, case.mask, region):
         stat = os.stat(path) if path is not None else None
         files.append(
             [
