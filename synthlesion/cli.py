@@ -387,6 +387,21 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         help="a label value of the source's label map that is the placement region",
     )  # fmt: skip
     p.add_argument("--healthy-only", action="store_true", help="only scans without a lesion")
+    p.add_argument(
+        "--min-border-distance-mm", type=float, default=2.0,
+        help="distance every new lesion voxel keeps from the placement region's border",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-lesion-distance-mm", type=float, default=5.0,
+        help="distance every new lesion keeps from existing and other new lesions",
+    )  # fmt: skip
+    p.add_argument("--dilation-mm", type=float, default=3.0, help="blend margin around a lesion")
+    p.add_argument("--feather-mm", type=float, default=1.5, help="feather band inside the margin")
+    p.add_argument(
+        "--lesion-volume-mm3", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help="procedural lesion volumes (mm^3; mm^2 in 2D) when the train split has no real "
+        "lesion to learn sizes from",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="at most this many cases")
     p.add_argument(
         "--attribute", action="append", default=[], metavar="NAME=VALUE",
@@ -427,6 +442,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         user_masks=Path(args.user_masks) if args.user_masks else None,
         region_masks=Path(args.region_masks) if args.region_masks else None,
         region_label=args.region_label,
+        min_border_distance_mm=args.min_border_distance_mm,
+        min_lesion_distance_mm=args.min_lesion_distance_mm,
+        dilation_mm=args.dilation_mm,
+        feather_mm=args.feather_mm,
+        **({"lesion_volume_mm3": tuple(args.lesion_volume_mm3)} if args.lesion_volume_mm3 else {}),
         healthy_only=args.healthy_only,
         limit=args.limit,
         attributes=_attribute_values(args.attribute),

@@ -243,3 +243,24 @@ def test_attribute_conditioned_model_samples_and_records_its_attributes(world):
         values = row["quality"]["attributes"]
         assert len(values) >= 1 and 0 < values[0]["volume_fraction"] < 1
         assert -1 <= values[0]["mean_intensity"] <= 1  # 90 HU in the model's normalisation
+
+
+def test_bank_lesions_from_2d_scans_whose_masks_are_stored_x_y_1(world, tmp_path):
+    # a 2D image (X, Y) with its mask saved as (X, Y, 1) is one grid: the bank cuts 2D lesions
+    import shutil
+
+    import nibabel as nib
+
+    data = tmp_path / "data"
+    shutil.copytree(world["dataset"].parent, data)
+    for path in sorted((data / "labelsTr").glob("*.nii.gz")):
+        mask = nib.load(str(path))
+        array = np.asarray(mask.dataobj)[..., None]
+        nib.save(nib.Nifti1Image(array, mask.affine, mask.header), str(path))
+    report = run_sampling(
+        world["model"], data / "dataset.json", world["splits"], tmp_path / "o",
+        SampleOptions(steps=1, limit=2, mask_source="bank"),
+    )  # fmt: skip
+    assert len(report.written) == 2 and not report.failed
+    for row in read_manifest(tmp_path / "o" / "manifest.jsonl", tmp_path / "o"):
+        assert load_image(tmp_path / "o" / row.mask).array.ndim == 2

@@ -145,6 +145,30 @@ def load_nifti(
     return _check_dims(volume, spatial_dims)
 
 
+def image_grid(path: str | Path) -> Volume:
+    """The voxel grid of an image file without reading its voxels: a :class:`Volume` whose
+    array is a zero-strided placeholder of the image's spatial shape (the affine is the file's).
+
+    For reading a mask onto the grid of an image (:func:`load_mask_for`) where the image's
+    voxels are not needed. A 4D file (channels last) gives its 3D grid; a DICOM folder is read.
+    """
+    path = Path(path)
+    if path.is_dir() or not is_nifti(path):
+        return load_image(path)
+    try:
+        header_image = nib.load(str(path))
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist", "missing") from None
+    except Exception as exc:  # nibabel raises several unrelated types here
+        raise ImageReadError(path, f"unreadable NIfTI header ({exc})", "header") from None
+    shape = tuple(int(s) for s in header_image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    shape = shape[:3]  # a one-slice 3D image stays 3D, as load_image keeps it
+    array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+    return Volume(array, header_image.affine, None, path, {"grid_only": True})
+
+
 def load_channels(paths: Sequence[str | Path], *, spatial_dims: int | None = None) -> list[Volume]:
     """Every image channel of one case, one :class:`Volume` each, all on one grid.
 

@@ -491,12 +491,18 @@ def _pair_by_suffix(
 
     # 3. one channel set for every labelled case
     channel_sets = {
-        case_id: tuple(sorted(k for k in found if k is not None))
+        case_id: tuple(sorted((k for k in found if k is not None), key=_channel_order))
         for case_id, found in members.items()
     }
     reference_id = next(iter(sorted(channel_sets)), None)
     channels: tuple[str, ...] = channel_sets[reference_id] if reference_id is not None else ()
     for case_id, names in sorted(channel_sets.items()):
+        if names != channels and set(names) < set(channels):
+            missing = [f"{case_id}_{c}" for c in channels if c not in names]
+            raise CaseSourceError(
+                f"{folder} (case {case_id}): channel file(s) missing: {', '.join(missing)} "
+                f"(case {reference_id} has channels {_describe(channels)})"
+            )
         if names != channels:
             raise CaseSourceError(
                 f"{folder} (case {case_id}): channels {_describe(names)} differ from case "
@@ -516,7 +522,7 @@ def _pair_by_suffix(
                 )
             unlabelled.setdefault(case_id, {})[channel] = path
         for case_id, found in unlabelled.items():
-            if tuple(sorted(found)) != channels:  # type: ignore[arg-type]
+            if tuple(sorted(found, key=_channel_order)) != channels:  # type: ignore[arg-type]
                 missing = [f"{case_id}_{c}" for c in channels if c not in found]
                 raise CaseSourceError(
                     f"{folder} (case {case_id}): channel file(s) missing: "
@@ -611,6 +617,11 @@ def _strip_ending(name: str, ending: str) -> str:
         if suffix and name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _channel_order(name: str) -> tuple[str, str]:
+    """Channel suffixes sort by name ignoring letter case (``flair`` before ``T1``)."""
+    return (name.casefold(), name)
 
 
 def _strip_nifti(name: str) -> str:

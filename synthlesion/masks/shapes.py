@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image
+from synthlesion.data.io import image_grid, load_mask_for
 from synthlesion.masks.lesions import (
     MIN_LESION_VOXELS,
     ConnectedLesion,
@@ -89,7 +89,7 @@ class MaskBank:
                 continue
             values = tuple(lesion_labels) if lesion_labels is not None else case.lesion_labels
             n_classes = max(n_classes, len(values))
-            mask = load_image(case.mask)
+            mask = load_mask_for(image_grid(case.image), case.mask)  # the image's grid
             array = mask.array
             if array.dtype.kind == "f":
                 array = np.rint(array).astype(np.int64)  # integer-valued float label maps

@@ -574,6 +574,7 @@ def _target_mask(
     margin = np.ceil(2 * options.dilation_mm / np.asarray(spacing)).astype(int) + 2
     for _ in range(options.lesions_per_case):
         placed, problem = None, "no lesion drawn fits the model's region of interest"
+        largest: list[int] = []
         for _attempt in range(20):  # draw again when a lesion does not fit or has no place
             if options.mask_source == "bank":
                 lesion = bank.draw(rng)
@@ -592,6 +593,13 @@ def _target_mask(
                     patch = shape.astype(np.uint8)
                 drawn = {"volume_mm3": round(float(volume), 2)}
             if not patch.any() or np.any(np.asarray(patch.shape) + margin > roi):
+                largest = max(largest, [int(n) for n in patch.shape], key=lambda e: np.prod(e))
+                problem = (
+                    f"no lesion drawn fits the model's region of interest "
+                    f"{[int(r) for r in roi]} voxels with the blend margin of "
+                    f"{[int(m) for m in margin]} voxels (e.g. a lesion of {largest} voxels); "
+                    "train with a larger data.roi_size (or at a coarser data.spacing)"
+                )
                 continue
             try:
                 placed, corner = place_mask(patch, allowed, rng)
@@ -602,7 +610,7 @@ def _target_mask(
             raise PlacementError(
                 f"{source.image} (case {source.case_id}): no lesion placed after 20 draws: "
                 f"{problem}; placement region: {region.detail}, {int(allowed.sum())} allowed "
-                f"voxel(s), model region of interest {list(roi)}"
+                f"voxel(s)"
             )
         inside = placed > 0
         target[inside] = placed[inside]

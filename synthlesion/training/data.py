@@ -263,6 +263,7 @@ def load_training_data(
             + (f" after resampling to {list(cfg.spacing)} mm" if cfg.spacing else "")
             + "; a lesion generator needs lesions to learn from"
         )
+    _warn_lesions_larger_than_roi(prepared, cfg)
     evaluation, source = prepared, "train"
     if eval_source in ("auto", "val"):
         val_cases = [
@@ -310,6 +311,29 @@ def load_training_data(
     return TrainingData(
         prepared, evaluation, source, pre, names, record, modality, tuple(channel_names)
     )
+
+
+def _warn_lesions_larger_than_roi(prepared: Sequence[PreparedCase], cfg: DataConfig) -> None:
+    """Warn when real lesions with their region margin do not fit the crop: the model never
+    sees them whole, and sampling cannot paint lesions that large."""
+    roi = list(cfg.roi_size)
+    if cfg.slice_axis is not None:
+        roi.insert(cfg.slice_axis, 10**9)  # 2D cuts: the slice axis does not count
+    margin = 2 * cfg.region_dilation + 2
+    extents = [c.extent for p in prepared for c in p.components]
+    big = [e for e in extents if any(x + margin > r for x, r in zip(e, roi, strict=True))]
+    if big:
+        worst = max(big, key=lambda e: int(np.prod(e)))
+        logger.warning(
+            "%d of %d train lesions with their %d-voxel margin exceed data.roi_size %s "
+            "(largest %s voxels): the model never sees them whole and sampling cannot paint "
+            "lesions that large; a larger roi_size or a coarser spacing fits them",
+            len(big),
+            len(extents),
+            margin,
+            list(cfg.roi_size),
+            list(worst),
+        )
 
 
 def _normaliser(cfg: DataConfig, modality: str) -> IntensityNormaliser:

@@ -425,6 +425,16 @@ def prepare_cases(
     """
 
     def one(case: Case) -> PreparedCase:
+        try:
+            return cached_or_prepared(case)
+        except ImageReadError as exc:  # name the case beside the file
+            if f"case {case.case_id}" in str(exc):
+                raise
+            raise ImageReadError(
+                exc.path, f"case {case.case_id}: {exc.problem}", exc.code
+            ) from None
+
+    def cached_or_prepared(case: Case) -> PreparedCase:
         if cache_dir is None:
             return prepare_case(case, pre)
         path = Path(cache_dir) / f"{_cache_key(case, pre)}.safetensors"
