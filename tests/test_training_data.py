@@ -4,7 +4,6 @@ the config schema; checkpoint files (flattening, markers, pickles, pruning)."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 from pathlib import Path

@@ -18,7 +18,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
-from synthlesion.data.volume import Volume, align_to_grid, header_with_affine
+from synthlesion.data.volume import Volume, align_to_grid, corner_distance_mm, header_with_affine
 from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.storage import atomic_write_bytes
 
@@ -286,17 +286,7 @@ def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) 
     sform, scode = header.get_sform(coded=True)
     if not qcode or not scode or qform is None or sform is None:
         return None
-    dims = list(shape[:3]) + [1] * (3 - min(3, len(shape)))
-    corners = np.array(
-        [
-            [i, j, k, 1.0]
-            for i in (0, dims[0] - 1)
-            for j in (0, dims[1] - 1)
-            for k in (0, dims[2] - 1)
-        ]
-    )
-    diff = (corners @ qform.T)[:, :3] - (corners @ sform.T)[:, :3]
-    return float(np.sqrt((diff**2).sum(axis=1)).max())
+    return corner_distance_mm(qform, sform, shape)
 
 
 def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:

@@ -447,6 +447,41 @@ def _plan(
     ]
 
 
+def phantom_entry_files(entry: Any) -> list[str]:
+    """Relative file paths named by one training entry of a dataset.json."""
+    if not isinstance(entry, dict):
+        return []
+    out = []
+    for key in ("image", "label", "brain_mask"):
+        value = entry.get(key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                out.append(v)
+    return out
+
+
+def existing_phantom_files(json_path: Path, block: dict[str, Any], overwrite: bool) -> set[str]:
+    """Refuse a different dataset.json unless ``overwrite``; the files of an earlier phantom."""
+    if not json_path.exists():
+        return set()
+    try:
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    same = isinstance(old, dict) and old.get("synthlesion") == json.loads(json.dumps(block))
+    if not same and not overwrite:
+        raise PhantomOutputError(
+            f"{json_path}: the folder already holds a different dataset.json; choose another "
+            "folder or pass overwrite (--overwrite) to replace it"
+        )
+    files: set[str] = set()
+    if isinstance(old, dict) and isinstance(old.get("synthlesion"), dict):
+        training = old.get("training")
+        for entry in training if isinstance(training, list) else []:
+            files.update(phantom_entry_files(entry))
+    return files
+
+
 def make_phantom_dataset(
     out_dir: str | Path,
     *,
@@ -511,21 +546,7 @@ def make_phantom_dataset(
         "lesion_labels": [LESION_LABEL],
         "organ_label": ORGAN_LABEL,
     }
-    old_files: set[str] = set()
-    if json_path.exists():
-        try:
-            old = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        same = isinstance(old, dict) and old.get("synthlesion") == json.loads(json.dumps(block))
-        if not same and not overwrite:
-            raise PhantomOutputError(
-                f"{json_path}: the folder already holds a different dataset.json; choose another "
-                "folder or pass overwrite (--overwrite) to replace it"
-            )
-        if isinstance(old, dict) and isinstance(old.get("synthlesion"), dict):
-            for entry in old.get("training", []):  # files of an earlier phantom run
-                old_files.update(str(entry.get(k, "")) for k in ("image", "label"))
+    old_files = existing_phantom_files(json_path, block, overwrite)
     plan = _plan(
         seed, kind, spatial_dims, n_patients, lesion_fraction, followup_fraction, max_lesions
     )
@@ -581,9 +602,14 @@ def make_phantom_dataset(
         "training": training,
         "synthlesion": block,
     }
-    # One line per case keeps the file small and still readable (stdlib JSON either way).
+    write_dataset_json(json_path, dataset)
+    logger.info("phantom: wrote %d cases to %s", len(training), out_dir)
+    return json_path
+
+
+def write_dataset_json(json_path: Path, dataset: dict[str, Any]) -> None:
+    """Write a dataset.json atomically with one line per training case (small, readable)."""
+    training = dataset["training"]
     head = json.dumps({**dataset, "training": "@training@"}, indent=2)
     rows = ",\n".join("    " + json.dumps(entry) for entry in training)
     atomic_write_text(json_path, head.replace('"@training@"', f"[\n{rows}\n  ]") + "\n")
-    logger.info("phantom: wrote %d cases to %s", len(training), out_dir)
-    return json_path

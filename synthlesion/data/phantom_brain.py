@@ -43,7 +43,6 @@ Stored values:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -56,7 +55,13 @@ from scipy import ndimage
 
 from synthlesion import __version__
 from synthlesion.data.io import save_image
-from synthlesion.data.phantom import PhantomOutputError, _finish, _pose
+from synthlesion.data.phantom import (
+    _finish,
+    _pose,
+    existing_phantom_files,
+    phantom_entry_files,
+    write_dataset_json,
+)
 from synthlesion.data.phantom_anatomy import (
     Coords,
     Field,
@@ -69,7 +74,6 @@ from synthlesion.data.phantom_anatomy import (
 )
 from synthlesion.data.volume import Volume
 from synthlesion.errors import ConfigError
-from synthlesion.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -631,7 +635,7 @@ def make_brain_multiseq_dataset(
         "organ_label": None,
         "tumour_share_of_intracranial_volume": list(_TUMOUR_SHARE),
     }
-    old_files = _check_existing(json_path, block, overwrite)
+    old_files = existing_phantom_files(json_path, block, overwrite)
     plan = _plan(seed, n_patients, lesion_fraction, followup_fraction)
     ids = _patient_ids(seed, n_patients)
     training = []
@@ -661,7 +665,7 @@ def make_brain_multiseq_dataset(
                     "patient_id": case.patient_id,
                 }
             )
-    written = {rel for entry in training for rel in _entry_files(entry)}
+    written = {rel for entry in training for rel in phantom_entry_files(entry)}
     for stale in sorted(old_files - written):
         path = out_dir / stale
         if stale.startswith(_FOLDERS) and ".." not in stale and path.is_file():
@@ -684,49 +688,12 @@ def make_brain_multiseq_dataset(
         "training": training,
         "synthlesion": block,
     }
-    head = json.dumps({**dataset, "training": "@training@"}, indent=2)
-    rows = ",\n".join("    " + json.dumps(entry) for entry in training)
-    atomic_write_text(json_path, head.replace('"@training@"', f"[\n{rows}\n  ]") + "\n")
+    write_dataset_json(json_path, dataset)
     logger.info("phantom %s: wrote %d cases to %s", KIND, len(training), out_dir)
     return json_path
 
 
 _FOLDERS = ("./imagesTr/", "./labelsTr/", "./brainmasks/")
-
-
-def _entry_files(entry: Any) -> list[str]:
-    """Relative file paths named by one training entry of a dataset.json."""
-    if not isinstance(entry, dict):
-        return []
-    out = []
-    for key in ("image", "label", "brain_mask"):
-        value = entry.get(key)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, str):
-                out.append(v)
-    return out
-
-
-def _check_existing(json_path: Path, block: dict[str, Any], overwrite: bool) -> set[str]:
-    """Refuse a different dataset.json unless ``overwrite``; the files of an earlier phantom."""
-    if not json_path.exists():
-        return set()
-    try:
-        old = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    same = isinstance(old, dict) and old.get("synthlesion") == json.loads(json.dumps(block))
-    if not same and not overwrite:
-        raise PhantomOutputError(
-            f"{json_path}: the folder already holds a different dataset.json; choose another "
-            "folder or pass overwrite (--overwrite) to replace it"
-        )
-    files: set[str] = set()
-    if isinstance(old, dict) and isinstance(old.get("synthlesion"), dict):
-        training = old.get("training")
-        for entry in training if isinstance(training, list) else []:
-            files.update(_entry_files(entry))
-    return files
 
 
 __all__ = [

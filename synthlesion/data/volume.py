@@ -250,14 +250,14 @@ def header_with_affine(
     header.set_qform(affine, code=qcode)
     header.set_sform(affine, code=scode)
     if qcode == 0 and scode == 0:
-        if _corner_distance_mm(header.get_base_affine(), affine, shape) > 1e-3:
+        if corner_distance_mm(header.get_base_affine(), affine, shape) > 1e-3:
             logger.debug(
                 "header has no qform/sform and its voxel sizes do not give the affine; "
                 "writing both with code 1 (scanner)"
             )
             header.set_qform(affine, code=1)
             header.set_sform(affine, code=1)
-    elif qcode > 0 and _corner_distance_mm(header.get_qform(), affine, shape) > 1e-3:
+    elif qcode > 0 and corner_distance_mm(header.get_qform(), affine, shape) > 1e-3:
         logger.warning(
             "affine has shears a qform cannot hold; qform code %d -> 0, sform holds the affine",
             qcode,
@@ -344,7 +344,8 @@ def _closest_differences(
     return problems or [("direction", "the axes are no permutation or flip of the reference's")]
 
 
-def _corner_distance_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+def corner_distance_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between the world positions two affines give the grid's corners."""
     dims = list(shape[:3]) + [1] * (3 - min(3, len(shape)))
     corners = np.array(
         [
