@@ -44,7 +44,7 @@ def make_world(tmp: Path, n_rows: int) -> dict[str, Any]:
     from synthlesion.data.sources import load_cases
     from synthlesion.data.splits import save_splits, split_patients
     from synthlesion.data.volume import Volume
-    from synthlesion.dataset import GeneratorRef, ManifestWriter, hash_patient_id
+    from synthlesion.provenance import GeneratorRef, ManifestWriter, hash_patient_id
     from synthlesion.storage import sha256_file
 
     real_json = make_phantom_dataset(
@@ -117,7 +117,7 @@ def make_world(tmp: Path, n_rows: int) -> dict[str, Any]:
 
 
 def stream(world: dict[str, Any]) -> int:
-    from synthlesion.dataset import read_manifest
+    from synthlesion.provenance import read_manifest
 
     return sum(1 for _ in read_manifest(world["manifest"], world["root"], verify_files=False))
 

@@ -313,7 +313,8 @@ def _cmd_build_dataset(args: argparse.Namespace) -> int:
     import dataclasses
 
     from synthlesion.config import load_config
-    from synthlesion.dataset import BuildConfig, DatasetBuilder, GuardViolation, GuardViolations
+    from synthlesion.dataset import BuildConfig, DatasetBuilder
+    from synthlesion.provenance import GuardViolation, GuardViolations
 
     overrides = list(args.set)
     for key, value in (

@@ -11,13 +11,8 @@ from monai.data import load_decathlon_datalist
 from test_dataset_support import make_world, populate
 
 from synthlesion.cli import main
-from synthlesion.dataset import (
-    BuildConfig,
-    BuildExistsError,
-    DatasetBuilder,
-    EvaluationPatientLeak,
-    read_build_record,
-)
+from synthlesion.dataset import BuildConfig, BuildExistsError, DatasetBuilder, read_build_record
+from synthlesion.provenance import EvaluationPatientLeak
 from synthlesion.storage import sha256_file
 
 NNUNET_KEYS = {"channel_names", "labels", "numTraining", "file_ending"}

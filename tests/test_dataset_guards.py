@@ -24,8 +24,12 @@ from synthlesion.data.splits import Splits, save_splits
 from synthlesion.dataset import (
     BuildConfig,
     DatasetBuilder,
-    DuplicateCase,
     EvaluationDataset,
+    SyntheticAwareDataset,
+    make_eval_loader,
+)
+from synthlesion.provenance import (
+    DuplicateCase,
     EvaluationPatientLeak,
     GeneratorLeak,
     GeneratorRecordError,
@@ -34,11 +38,9 @@ from synthlesion.dataset import (
     PatientOnTwoSides,
     ReusedMask,
     SourceMismatch,
-    SyntheticAwareDataset,
     SyntheticInEvaluation,
     SyntheticRegistry,
     UnsafePath,
-    make_eval_loader,
 )
 from synthlesion.storage import canonical_json_hash, sha256_file
 

@@ -13,7 +13,7 @@ import pytest
 from test_dataset_support import add_synthetic, clone_world, edit_row, forge, make_world, populate
 
 from synthlesion.data.io import load_image
-from synthlesion.dataset import (
+from synthlesion.provenance import (
     GeneratorRef,
     ManifestError,
     ManifestTampered,
@@ -23,7 +23,7 @@ from synthlesion.dataset import (
     reseal_manifest,
     voxel_sha256,
 )
-from synthlesion.dataset.manifest import ROW_FIELDS, lock_path_for, read_lock
+from synthlesion.provenance.manifest import ROW_FIELDS, lock_path_for, read_lock
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_hand_edited_row_is_refused_naming_the_row(world, field, value):
 
 def test_edited_and_rehashed_row_breaks_the_next_row(world):
     populate(world)
-    from synthlesion.dataset.manifest import encode_record
+    from synthlesion.provenance.manifest import encode_record
 
     lines = world.manifest.read_bytes().splitlines(keepends=True)
     previous = json.loads(lines[1])["row_sha256"]

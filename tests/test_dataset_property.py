@@ -19,15 +19,8 @@ from test_dataset_support import make_generator
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image
 from synthlesion.data.splits import Splits, save_splits
-from synthlesion.dataset import (
-    DatasetBuilder,
-    EvaluationDataset,
-    GuardViolation,
-    ManifestWriter,
-    SyntheticRegistry,
-    make_eval_loader,
-    voxel_sha256,
-)
+from synthlesion.dataset import DatasetBuilder, EvaluationDataset, make_eval_loader
+from synthlesion.provenance import GuardViolation, ManifestWriter, SyntheticRegistry, voxel_sha256
 from synthlesion.storage import sha256_file
 
 SIDES = ("train", "val", "test")

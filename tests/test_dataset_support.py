@@ -16,8 +16,9 @@ from synthlesion.data.phantom import make_phantom_dataset
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits, save_splits, split_patients
 from synthlesion.data.volume import Volume
-from synthlesion.dataset.manifest import ManifestRow, ManifestWriter
-from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id
+from synthlesion.provenance.identity import GeneratorRef, hash_patient_id
+from synthlesion.provenance.manifest import ManifestRow
+from synthlesion.provenance.manifest_writer import ManifestWriter
 
 
 @dataclass
@@ -175,7 +176,7 @@ def edit_row(path: Path, number: int, **changes) -> None:
 def forge(path: Path, edit=None, *, relock: bool = True) -> None:
     """Rewrite a manifest with a consistent hash chain (and lock), as a forger or a buggy tool
     would; ``edit(records)`` changes the records (header first) and returns them."""
-    from synthlesion.dataset.manifest import GENESIS, encode_record, lock_path_for
+    from synthlesion.provenance.manifest import GENESIS, encode_record, lock_path_for
 
     records = _records(path)
     for record in records:

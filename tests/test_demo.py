@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from synthlesion.cli import main
-from synthlesion.dataset import read_manifest
-from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME
 from synthlesion.evaluation.demo import run_demo
 from synthlesion.evaluation.errors import RunFolderError
+from synthlesion.provenance import read_manifest
+from synthlesion.provenance.identity import PATIENT_HASH_SCHEME
 
 
 def test_demo_refuses_a_folder_holding_other_files(tmp_path, capsys):

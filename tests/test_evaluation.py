@@ -17,7 +17,7 @@ from synthlesion.config import load_config
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
-from synthlesion.dataset import BuildConfig, DatasetBuilder, read_manifest
+from synthlesion.dataset import BuildConfig, DatasetBuilder
 from synthlesion.errors import ConfigError
 from synthlesion.evaluation.config import EvaluateConfig, load_evaluate_config
 from synthlesion.evaluation.errors import (
@@ -30,6 +30,7 @@ from synthlesion.evaluation.harness import run_evaluation
 from synthlesion.evaluation.metrics import case_metrics, size_bin_names, summarise
 from synthlesion.evaluation.scenario import Scenario, make_scenario
 from synthlesion.evaluation.stats import paired_comparison
+from synthlesion.provenance import read_manifest
 from synthlesion.storage import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ from synthlesion.data.io import load_image
 from synthlesion.data.phantom import make_phantom_dataset
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits, save_splits, split_patients
-from synthlesion.dataset.manifest import read_manifest
-from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, hash_patient_id
 from synthlesion.models import LesionDiffusionModel, ModelConfig
 from synthlesion.pipelines.lesion_synthesis import SynthesisError
 from synthlesion.pipelines.sampling import SampleOptions, run_sampling
+from synthlesion.provenance.identity import PATIENT_HASH_SCHEME, hash_patient_id
+from synthlesion.provenance.manifest import read_manifest
 
 
 def training_record(patients, **data) -> dict:

@@ -17,8 +17,8 @@ from conftest import ct_image, lesion_mask, phantom_with_splits, single_torch_th
 from synthlesion.data.cases import Case
 from synthlesion.data.splits import Splits, save_splits, split_patients
 from synthlesion.data.volume import Volume
-from synthlesion.dataset.provenance import hash_patient_id
 from synthlesion.errors import ConfigError, LabelError, SplitError
+from synthlesion.provenance.identity import hash_patient_id
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.config import load_train_config
 from synthlesion.training.data import (

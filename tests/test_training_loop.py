@@ -18,9 +18,9 @@ from synthlesion.cli import main as cli_main
 from synthlesion.data.phantom import make_phantom_dataset
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits, load_splits, save_splits, split_patients
-from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id, read_training_record
 from synthlesion.errors import SplitError
 from synthlesion.models import LesionDiffusionModel, ModelFolderError
+from synthlesion.provenance.identity import GeneratorRef, hash_patient_id, read_training_record
 from synthlesion.storage import sha256_file
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.config import load_train_config

@@ -44,10 +44,7 @@ from synthlesion.data.cases import Case
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits
 from synthlesion.dataset.card import render_card
-from synthlesion.dataset.errors import (
-    DatasetError,
-    GuardViolation,
-)
+from synthlesion.dataset.errors import DatasetError
 from synthlesion.dataset.export import (
     BUILD_FILE,
     BUILD_FORMAT,
@@ -79,10 +76,11 @@ from synthlesion.dataset.guards import (
     index_real_cases,
     load_splits_checked,
 )
-from synthlesion.dataset.manifest import read_manifest
-from synthlesion.dataset.provenance import utc_now
-from synthlesion.dataset.registry import RegistryBuilder, SyntheticRegistry
 from synthlesion.errors import ConfigError
+from synthlesion.provenance.errors import GuardViolation
+from synthlesion.provenance.identity import utc_now
+from synthlesion.provenance.manifest import read_manifest
+from synthlesion.provenance.registry import RegistryBuilder, SyntheticRegistry
 from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from synthlesion.data.cases import Case
 from synthlesion.data.splits import Splits
 from synthlesion.dataset.errors import BuildExistsError, DatasetError
 from synthlesion.dataset.guards import RealCaseFacts
-from synthlesion.dataset.paths import check_case_id
+from synthlesion.provenance.paths import check_case_id
 from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)

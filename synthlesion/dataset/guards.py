@@ -23,7 +23,7 @@ from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids
 from synthlesion.data.splits import Splits, load_splits
-from synthlesion.dataset.errors import (
+from synthlesion.provenance.errors import (
     DuplicateCase,
     EvaluationPatientLeak,
     GeneratorLeak,
@@ -37,14 +37,14 @@ from synthlesion.dataset.errors import (
     SyntheticAsReal,
     SyntheticInEvaluation,
 )
-from synthlesion.dataset.manifest import ManifestRow
-from synthlesion.dataset.provenance import (
+from synthlesion.provenance.identity import (
     GeneratorRef,
     hash_patient_id,
     read_training_record,
     voxel_sha256,
 )
-from synthlesion.dataset.registry import SyntheticRegistry
+from synthlesion.provenance.manifest import ManifestRow
+from synthlesion.provenance.registry import SyntheticRegistry
 from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -30,10 +30,11 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from synthlesion.data.io import load_image
-from synthlesion.dataset.errors import DatasetError, EvaluationPatientLeak, SyntheticInEvaluation
+from synthlesion.dataset.errors import DatasetError
 from synthlesion.dataset.export import REGISTRY_FILE, read_build_record
-from synthlesion.dataset.provenance import voxel_sha256
-from synthlesion.dataset.registry import SyntheticRegistry
+from synthlesion.provenance.errors import EvaluationPatientLeak, SyntheticInEvaluation
+from synthlesion.provenance.identity import voxel_sha256
+from synthlesion.provenance.registry import SyntheticRegistry
 from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -84,8 +84,9 @@ def build_dataset(
         SyntheticTestDataError: a guard found synthetic content in an evaluation split.
         GuardViolation: any other guard refused (nothing is written).
     """
-    from synthlesion.dataset import BuildConfig, DatasetBuilder, SyntheticInEvaluation
+    from synthlesion.dataset import BuildConfig, DatasetBuilder
     from synthlesion.dataset.builder import read_build_record
+    from synthlesion.provenance import SyntheticInEvaluation
 
     if reuse and (out / "build.json").is_file():
         return read_build_record(out)
@@ -115,7 +116,7 @@ class TrainingPool:
 
 def generator_kinds(manifests: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Generator folder sha256 -> kind (``diffusion``/``handcrafted``) from manifest headers."""
-    from synthlesion.dataset import read_manifest
+    from synthlesion.provenance import read_manifest
 
     kinds: dict[str, str] = {}
     for kind, paths in manifests.items():
@@ -181,7 +182,8 @@ class GuardedTestSet:
     """
 
     def __init__(self, build: Path, split: str, normaliser: IntensityNormaliser) -> None:
-        from synthlesion.dataset import EvaluationDataset, SyntheticInEvaluation
+        from synthlesion.dataset import EvaluationDataset
+        from synthlesion.provenance import SyntheticInEvaluation
 
         self.build, self.split, self.normaliser = build, split, normaliser
         try:
@@ -200,7 +202,8 @@ class GuardedTestSet:
         return len(self.dataset)
 
     def cases(self) -> Iterator[ArrayCase]:
-        from synthlesion.dataset import SyntheticInEvaluation, make_eval_loader
+        from synthlesion.dataset import make_eval_loader
+        from synthlesion.provenance import SyntheticInEvaluation
 
         self.loads += 1
         try:
@@ -228,7 +231,8 @@ def probe_evaluation_guard(build: Path) -> dict[str, Any]:
     Returns:
         ``{"probed": case id or None, "refused": bool, "message": ...}``.
     """
-    from synthlesion.dataset import EvaluationDataset, SyntheticInEvaluation, SyntheticRegistry
+    from synthlesion.dataset import EvaluationDataset
+    from synthlesion.provenance import SyntheticInEvaluation, SyntheticRegistry
 
     listing = json.loads((build / "synthetic.json").read_text(encoding="utf-8"))["synthetic"]
     if not listing:

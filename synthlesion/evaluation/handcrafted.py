@@ -199,9 +199,8 @@ def run_handcrafted(
         EvaluationError: no lesion to learn from, no source scan, or ``out_dir`` holds a
             manifest of another generator.
     """
-    from synthlesion.dataset.manifest import ManifestWriter
-    from synthlesion.dataset.manifest_writer import make_missing_cases
-    from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, GeneratorRef, hash_patient_id
+    from synthlesion.provenance.identity import PATIENT_HASH_SCHEME, GeneratorRef, hash_patient_id
+    from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
 
     options = options or HandcraftedConfig()
     out_dir = Path(out_dir)

@@ -163,9 +163,8 @@ def run_sampling(
         SynthesisError: a model trained on an evaluation patient, a model without a training
             record, a foreign manifest in ``out_dir``, no source scan.
     """
-    from synthlesion.dataset.manifest import ManifestWriter
-    from synthlesion.dataset.manifest_writer import make_missing_cases
-    from synthlesion.dataset.provenance import GeneratorRef, hash_patient_id
+    from synthlesion.provenance.identity import GeneratorRef, hash_patient_id
+    from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
 
     options = options or SampleOptions()
     rank, world = shard if shard is not None else _shard_from_env()
@@ -356,8 +355,9 @@ def merge_manifest_shards(out_dir: str | Path) -> Path:
     Every shard is verified (hash chain, lock, files) first; rows already in the merged
     manifest are skipped, so merging again after a rerun adds only the new cases.
     """
-    from synthlesion.dataset.manifest import ManifestWriter, read_lock, read_manifest
-    from synthlesion.dataset.provenance import GeneratorRef
+    from synthlesion.provenance.identity import GeneratorRef
+    from synthlesion.provenance.manifest import read_lock, read_manifest
+    from synthlesion.provenance.manifest_writer import ManifestWriter
 
     out_dir = Path(out_dir)
     shards = sorted(out_dir.glob("manifest.shard-*.jsonl"))

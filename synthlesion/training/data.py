@@ -40,9 +40,9 @@ from synthlesion.data.cases import Case, lesion_label_values
 from synthlesion.data.intensity import IntensityNormaliser
 from synthlesion.data.sources import load_cases, require_unique_case_ids
 from synthlesion.data.splits import Splits, load_splits
-from synthlesion.dataset.provenance import PATIENT_HASH_SCHEME, hash_patient_id
 from synthlesion.masks.placement import PlacementError
 from synthlesion.masks.shapes import procedural_mask
+from synthlesion.provenance.identity import PATIENT_HASH_SCHEME, hash_patient_id
 from synthlesion.storage import canonical_json_hash, sha256_file
 from synthlesion.training.config import DataConfig
 from synthlesion.training.errors import TrainingDataError

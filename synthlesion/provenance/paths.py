@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from synthlesion.dataset.errors import UnsafePath
+from synthlesion.provenance.errors import UnsafePath
 
 CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DRIVE = re.compile(r"[A-Za-z]:")  # C:, C:/x or C:x (a Windows drive)

@@ -1,7 +1,7 @@
 """Writing synthetic-case manifests: :class:`ManifestWriter` and :func:`reseal_manifest`.
 
-The format is documented in :mod:`synthlesion.dataset.manifest`, which re-exports both names
-(``from synthlesion.dataset.manifest import ManifestWriter``).
+The format is documented in :mod:`synthlesion.provenance.manifest`, which re-exports both names
+(``from synthlesion.provenance import ManifestWriter``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from synthlesion.data.cases import Case
-from synthlesion.dataset.errors import ManifestError, ManifestTampered
-from synthlesion.dataset.manifest import (
+from synthlesion.provenance.errors import ManifestError, ManifestTampered
+from synthlesion.provenance.identity import GeneratorRef, package_versions, utc_now, voxel_sha256
+from synthlesion.provenance.manifest import (
     FORMAT,
     GENESIS,
     LOCK_FORMAT,
@@ -29,8 +30,7 @@ from synthlesion.dataset.manifest import (
     read_lock,
     split_line,
 )
-from synthlesion.dataset.paths import RootGuard, check_case_id
-from synthlesion.dataset.provenance import GeneratorRef, package_versions, utc_now, voxel_sha256
+from synthlesion.provenance.paths import RootGuard, check_case_id
 from synthlesion.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 try:  # POSIX only: keeps two writers off one manifest

@@ -88,12 +88,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthlesion.dataset.errors import GuardViolation, ManifestError, ManifestTampered
-from synthlesion.dataset.paths import RootGuard, check_case_id
-from synthlesion.dataset.provenance import (
+from synthlesion.provenance.errors import GuardViolation, ManifestError, ManifestTampered
+from synthlesion.provenance.identity import (
     GeneratorRef,
     is_sha256,
 )
+from synthlesion.provenance.paths import RootGuard, check_case_id
 from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -610,21 +610,15 @@ def read_lock(manifest: str | Path) -> dict[str, Any]:
 ROW_FIELDS: tuple[str, ...] = tuple(sorted(_ROW_FIELDS | {"row_sha256"}))
 """Every field of a case row, ``row_sha256`` included."""
 
-
-# The writer lives in its own module; it is part of this module's interface.
-from synthlesion.dataset.manifest_writer import ManifestWriter, reseal_manifest  # noqa: E402
-
 __all__ = [
     "FORMAT",
     "LOCK_FORMAT",
     "MASK_ORIGINS",
     "ManifestReader",
     "ManifestRow",
-    "ManifestWriter",
     "ROW_FIELDS",
     "encode_record",
     "lock_path_for",
     "read_lock",
     "read_manifest",
-    "reseal_manifest",
 ]

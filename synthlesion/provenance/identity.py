@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from synthlesion.dataset.errors import GeneratorRecordError
+from synthlesion.provenance.errors import GeneratorRecordError
 from synthlesion.storage import canonical_json_hash, sha256_file
 
 PATIENT_HASH_SCHEME = "synthlesion-patient-sha256/1"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthlesion.dataset.errors import DatasetError
-from synthlesion.dataset.manifest import ManifestRow, read_manifest
+from synthlesion.provenance.errors import ProvenanceError
+from synthlesion.provenance.manifest import ManifestRow, read_manifest
 from synthlesion.storage import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -174,19 +174,19 @@ class SyntheticRegistry:
         """Read a registry written by :meth:`save` (no pickles are loaded).
 
         Raises:
-            DatasetError: missing or not a registry file.
+            ProvenanceError: missing or not a registry file.
         """
         try:
             with np.load(path, allow_pickle=False) as data:
                 if str(data["format"]) != FORMAT:
-                    raise DatasetError(f"{path}: not a {FORMAT} file")
+                    raise ProvenanceError(f"{path}: not a {FORMAT} file")
                 return cls(
                     data["digests"], data["kinds"], data["rows"], data["ids"], data["offsets"]
                 )
         except FileNotFoundError:
-            raise DatasetError(f"{path}: synthetic registry does not exist") from None
+            raise ProvenanceError(f"{path}: synthetic registry does not exist") from None
         except (OSError, KeyError, ValueError) as exc:
-            raise DatasetError(f"{path}: unreadable synthetic registry ({exc})") from None
+            raise ProvenanceError(f"{path}: unreadable synthetic registry ({exc})") from None
 
 
 __all__ = ["KINDS", "RegistryBuilder", "SyntheticRegistry", "digest_key"]
