@@ -111,7 +111,7 @@ def part_b(figures: dict, model_dir: str | None, quick: bool, device: str) -> No
             model_dir, dataset = _train_small_model(Path(tmp), quick)
         else:
             record = read_training_record(model_dir)
-            dataset = record.get("dataset_path")
+            dataset = record.content.get("dataset")
             if dataset is None:
                 raise SystemExit(f"{model_dir}: training record names no dataset_path")
         cases = [c for c in load_cases(dataset) if c.has_lesion]

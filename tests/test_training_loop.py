@@ -20,7 +20,8 @@ from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits, load_splits, save_splits, split_patients
 from synthlesion.errors import SplitError
 from synthlesion.models import LesionDiffusionModel, ModelFolderError
-from synthlesion.provenance.identity import GeneratorRef, hash_patient_id, read_training_record
+from synthlesion.provenance.identity import GeneratorRef, hash_patient_id
+from synthlesion.provenance.record import verify_generator
 from synthlesion.storage import sha256_file
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.config import load_train_config
@@ -134,11 +135,12 @@ def test_resume_reproduces_the_straight_run_exactly(tmp_path, phantom):
     }
     # The dataset builder's own reader accepts the record and gets the train patients back.
     ref = GeneratorRef.from_folder(straight.model_dir)
-    hashes = read_training_record(ref, tmp_path)
+    verified = verify_generator(ref, tmp_path)
+    hashes = verified.patient_id_hashes
     assert hashes == {hash_patient_id(p) for p in train_ids}
+    assert verified.trained_on_any(train_ids) == sorted(train_ids)
     for side in ("val", "test"):
-        for patient in splits.patients(side):
-            assert hash_patient_id(patient) not in hashes
+        assert verified.trained_on_any(splits.patients(side)) == []
     assert record["steps"] == 6 and record["seed"] == 0 and record["weights"] == "ema"
     assert record["versions"]["torch"] and record["data"]["intensity"]["mode"] == "percentile"
     assert record["data"]["roi_size"] == [16, 16] and record["data"]["lesion_label_values"] == [2]

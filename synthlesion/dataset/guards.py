@@ -37,13 +37,9 @@ from synthlesion.provenance.errors import (
     SyntheticAsReal,
     SyntheticInEvaluation,
 )
-from synthlesion.provenance.identity import (
-    GeneratorRef,
-    hash_patient_id,
-    read_training_record,
-    voxel_sha256,
-)
+from synthlesion.provenance.identity import GeneratorRef, voxel_sha256
 from synthlesion.provenance.manifest import ManifestRow
+from synthlesion.provenance.record import verify_generator
 from synthlesion.provenance.registry import SyntheticRegistry
 from synthlesion.storage import sha256_file
 
@@ -428,9 +424,7 @@ class GeneratorChecker:
     def __init__(self, splits: Splits, sink: ViolationSink, *, verify_folder: bool = True) -> None:
         self.sink = sink
         self.verify_folder = verify_folder
-        self.evaluation = {
-            hash_patient_id(p): (p, side) for side in EVAL_SIDES for p in splits.patients(side)
-        }
+        self.evaluation = {p: (p, side) for side in EVAL_SIDES for p in splits.patients(side)}
         self.facts: dict[str, GeneratorFacts] = {}
 
     def check(self, ref: GeneratorRef, root: Path, manifest: Path) -> bool:
@@ -440,13 +434,13 @@ class GeneratorChecker:
             self.sink.checked("generator-record")
             self.sink.checked("generator-trained-on-evaluation")
             try:
-                hashes = read_training_record(ref, root, verify_folder=self.verify_folder)
+                record = verify_generator(ref, root, verify_folder=self.verify_folder)
             except GeneratorRecordError as exc:
                 facts.problem = str(exc)
                 self.sink(exc)
                 return False
-            facts.patients_trained = len(hashes)
-            overlap = sorted(self.evaluation[h] for h in hashes & self.evaluation.keys())
+            facts.patients_trained = len(record.patient_id_hashes)
+            overlap = sorted(self.evaluation[p] for p in record.trained_on_any(self.evaluation))
             facts.evaluation_overlap = [f"{p} ({s})" for p, s in overlap]
             if overlap:
                 facts.problem = "trained on evaluation patients"

@@ -43,7 +43,6 @@ from synthlesion.masks import (
 )
 from synthlesion.pipelines.quality import lesion_statistics
 from synthlesion.pipelines.sampling import case_seed
-from synthlesion.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +198,14 @@ def run_handcrafted(
         EvaluationError: no lesion to learn from, no source scan, or ``out_dir`` holds a
             manifest of another generator.
     """
-    from synthlesion.provenance.identity import PATIENT_HASH_SCHEME, GeneratorRef, hash_patient_id
+    from synthlesion.provenance.identity import (
+        PATIENT_HASH_SCHEME,
+        TRAINING_RECORD_FILE,
+        GeneratorRef,
+        hash_patient_id,
+    )
     from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
+    from synthlesion.provenance.record import TrainingRecord
 
     options = options or HandcraftedConfig()
     out_dir = Path(out_dir)
@@ -238,15 +243,15 @@ def run_handcrafted(
         },
         "options": asdict(options),
     }
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    record_path = generator_dir / "training_record.json"
-    if record_path.is_file() and record_path.read_text(encoding="utf-8") != text:
-        raise EvaluationError(
-            f"{out_dir}: holds hand-crafted cases made with other settings or "
-            "data; use a new folder"
-        )
-    if not record_path.is_file():
-        atomic_write_text(record_path, text)
+    record_path = generator_dir / TRAINING_RECORD_FILE
+    if record_path.is_file():
+        if TrainingRecord.read(generator_dir).content != json.loads(json.dumps(record)):
+            raise EvaluationError(
+                f"{out_dir}: holds hand-crafted cases made with other settings or "
+                "data; use a new folder"
+            )
+    else:
+        TrainingRecord(record).write(generator_dir)
     generator = GeneratorRef.from_folder(generator_dir, record_as=str(generator_dir.resolve()))
     try:
         writer = ManifestWriter(

@@ -15,7 +15,6 @@ CONFIG_FILE = "model_config.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 SCHEDULER_DIR = "scheduler"
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
-TRAINING_RECORD_FILE = "training_record.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight files that ``torch.load`` would unpickle: refused, never opened."""
 

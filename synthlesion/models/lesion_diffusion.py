@@ -40,13 +40,12 @@ from synthlesion.models.folder import (
     CONFIG_FILE,
     SCHEDULER_DIR,
     SCHEDULER_FILE,
-    TRAINING_RECORD_FILE,
     check_files,
     refuse_pickles,
     staging_folder,
 )
 from synthlesion.models.model_config import ModelConfig
-from synthlesion.storage import atomic_write_json
+from synthlesion.provenance.record import TrainingRecord
 
 
 class LesionDiffusionModel(nn.Module):
@@ -176,7 +175,7 @@ class LesionDiffusionModel(nn.Module):
             self.noise_scheduler.save_pretrained(str(staging / SCHEDULER_DIR))
             self.backend.save(staging)
             if training_record is not None:
-                atomic_write_json(staging / TRAINING_RECORD_FILE, dict(training_record))
+                TrainingRecord(dict(training_record)).write(staging)
         return path
 
     # ----------------------------------------------------------------------------- training

@@ -22,7 +22,6 @@ Steps of ``__call__``:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ from synthlesion.pipelines.quality import (
     RealLesionReference,
     evaluate_lesion,
 )
+from synthlesion.provenance.errors import GeneratorRecordError
+from synthlesion.provenance.record import TrainingRecord
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +209,7 @@ class LesionSynthesisPipeline:
         from synthlesion.models import LesionDiffusionModel
 
         model = LesionDiffusionModel.from_pretrained(model_dir)
-        record = read_training_record(model_dir)
-        data = record.get("data", {})
+        data = read_training_record(model_dir).data
         intensity = data.get("intensity")
         if intensity is None or "roi_size" not in data:
             raise SynthesisError(
@@ -666,21 +666,12 @@ class LesionSynthesisPipeline:
         return [d.cpu().numpy() for d in decoded]
 
 
-def read_training_record(model_dir: str | Path) -> dict[str, Any]:
-    """The model folder's ``training_record.json``; a model without one is refused."""
-    path = Path(model_dir) / "training_record.json"
+def read_training_record(model_dir: str | Path) -> TrainingRecord:
+    """The model folder's training record; a model without a readable one is refused."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SynthesisError(
-            f"{model_dir}: no training_record.json; only models trained by synthlesion (whose "
-            "training patients are recorded) can make synthetic cases"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SynthesisError(f"{path}: unreadable training record ({exc})") from None
-    if not isinstance(record, dict):
-        raise SynthesisError(f"{path}: training record must be a JSON object")
-    return record
+        return TrainingRecord.read(model_dir)
+    except GeneratorRecordError as exc:
+        raise SynthesisError(str(exc)) from None
 
 
 def _shift(box: Sequence[slice], origin: Sequence[int]) -> tuple[slice, ...]:

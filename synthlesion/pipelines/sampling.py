@@ -53,6 +53,7 @@ from synthlesion.pipelines.lesion_synthesis import (
     read_training_record,
 )
 from synthlesion.pipelines.quality import RealLesionReference
+from synthlesion.provenance.errors import GeneratorRecordError
 from synthlesion.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def run_sampling(
         SynthesisError: a model trained on an evaluation patient, a model without a training
             record, a foreign manifest in ``out_dir``, no source scan.
     """
-    from synthlesion.provenance.identity import GeneratorRef, hash_patient_id
+    from synthlesion.provenance.identity import GeneratorRef
     from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
 
     options = options or SampleOptions()
@@ -179,17 +180,19 @@ def run_sampling(
     cases = load_cases(data, patient_pattern=patient_pattern)
     splits.require_matches(cases)
     record = read_training_record(model_dir)
-    trained = set(record.get("patient_id_hashes") or [])
     evaluation = [p for side in ("val", "test") for p in splits.patients(side)]
-    leaked = sorted(p for p in evaluation if hash_patient_id(p) in trained)
+    try:
+        leaked = record.trained_on_any(evaluation)
+        if not record.patient_id_hashes:
+            raise SynthesisError(f"{model_dir}: training record lists no training patients")
+    except GeneratorRecordError as exc:
+        raise SynthesisError(f"{model_dir}: {exc}") from None
     if leaked:
         raise SynthesisError(
             f"{model_dir}: its training record lists evaluation patient(s) {', '.join(leaked[:10])}; "
             "a generator that saw a val or test patient cannot make training data"
         )
-    if not trained:
-        raise SynthesisError(f"{model_dir}: training record lists no training patients")
-    data_facts = record.get("data", {})
+    data_facts = record.data
     lesion_values = [int(v) for v in data_facts.get("lesion_label_values", [2])]
     organ_values = tuple(int(v) for v in data_facts.get("organ_label_values", [1]))
     train_cases = [c for c in cases if splits.side_of_patient(c.patient_id) == "train"]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import unicodedata
@@ -29,7 +28,7 @@ from synthlesion.storage import canonical_json_hash, sha256_file
 
 PATIENT_HASH_SCHEME = "synthlesion-patient-sha256/1"
 _PATIENT_PREFIX = b"synthlesion-patient-id/1\x00"
-TRAINING_RECORD_FILE = "training_record.json"
+TRAINING_RECORD_FILE = "training_record.json"  # read and written by provenance.record
 VERSIONED_PACKAGES = ("synthlesion", "torch", "monai", "diffusers", "numpy", "nibabel")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VOXEL_CHUNK = 1 << 22  # voxels hashed per step (32 MiB as float64)
@@ -156,62 +155,6 @@ class GeneratorRef:
         return path if path.is_absolute() else root / path
 
 
-def read_training_record(ref: GeneratorRef, root: Path, *, verify_folder: bool = True) -> set[str]:
-    """Check a generator against its manifest facts and return its patient id hashes.
-
-    Args:
-        ref: The generator as recorded in the manifest.
-        root: The manifest's dataset root (a relative ``ref.path`` starts there).
-        verify_folder: Also recompute :func:`model_folder_sha256` (reads the weights).
-
-    Raises:
-        GeneratorRecordError: folder or record missing, a hash differs from the manifest, or
-            the record does not list its training patients.
-    """
-    folder = ref.folder(root)
-    record = folder / TRAINING_RECORD_FILE
-    if not record.is_file():
-        raise GeneratorRecordError(
-            f"generator {ref.path}: {record} not found; the training record is needed to prove "
-            "the generator never trained on an evaluation patient",
-            path=record,
-        )
-    if sha256_file(record) != ref.training_record_sha256:
-        raise GeneratorRecordError(
-            f"generator {ref.path}: {record} differs from the training record the manifest "
-            "recorded (sha256 changed since sampling)",
-            path=record,
-        )
-    if verify_folder and model_folder_sha256(folder) != ref.sha256:
-        raise GeneratorRecordError(
-            f"generator {ref.path}: the model folder's content differs from the manifest's "
-            "model folder hash (weights or config changed since sampling)",
-            path=folder,
-        )
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GeneratorRecordError(
-            f"{record}: unreadable training record ({exc})", path=record
-        ) from None
-    scheme = (
-        data.get("patient_hash_scheme", PATIENT_HASH_SCHEME) if isinstance(data, dict) else None
-    )
-    hashes = data.get("patient_id_hashes") if isinstance(data, dict) else None
-    if scheme != PATIENT_HASH_SCHEME:
-        raise GeneratorRecordError(
-            f"{record}: patient_hash_scheme {scheme!r} is not {PATIENT_HASH_SCHEME!r}",
-            path=record,
-        )
-    if not isinstance(hashes, list) or not all(is_sha256(h) for h in hashes):
-        raise GeneratorRecordError(
-            f"{record}: no 'patient_id_hashes' list of sha256 digests (hash_patient_id of each "
-            "training patient); cannot prove the generator never saw an evaluation patient",
-            path=record,
-        )
-    return set(hashes)
-
-
 def is_sha256(value: Any) -> bool:
     """True for a 64-character lowercase hex string."""
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
@@ -241,7 +184,6 @@ __all__ = [
     "is_sha256",
     "model_folder_sha256",
     "package_versions",
-    "read_training_record",
     "utc_now",
     "voxel_sha256",
 ]

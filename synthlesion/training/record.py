@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from synthlesion.config import config_to_dict, save_config
+from synthlesion.provenance.record import RECORD_FORMAT
 from synthlesion.training.config import TrainConfig
 from synthlesion.training.data import TrainingData
 from synthlesion.training.ema import EMA
 from synthlesion.training.preprocess import intensity_record
 
-RECORD_FORMAT = "synthlesion-training-record/1"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 PACKAGES = (
     "synthlesion",
