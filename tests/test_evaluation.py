@@ -25,11 +25,11 @@ from synthlesion.evaluation.errors import (
     RunFolderError,
     SyntheticTestDataError,
 )
-from synthlesion.evaluation.handcrafted import run_handcrafted
 from synthlesion.evaluation.harness import run_evaluation
 from synthlesion.evaluation.metrics import case_metrics, size_bin_names, summarise
 from synthlesion.evaluation.scenario import Scenario, make_scenario
 from synthlesion.evaluation.stats import paired_comparison
+from synthlesion.pipelines.handcrafted import run_handcrafted
 from synthlesion.provenance import read_manifest
 from synthlesion.storage import sha256_file
 
@@ -198,7 +198,7 @@ def test_handcrafted_cases_go_through_the_manifest_and_the_builder(world, tmp_pa
     ).build(tmp_path / "build")
     assert built.counts["train"]["synthetic"] == len(rows)
     assert all(g["violations"] == 0 for g in built.guards.values())
-    record = json.loads((report.generator_dir / "training_record.json").read_text())
+    record = json.loads((report.out_dir / "generator" / "training_record.json").read_text())
     assert record["patient_id_hashes"]  # the train patients whose lesions set the sizes
 
 

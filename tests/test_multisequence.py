@@ -472,8 +472,7 @@ def test_each_ct_phase_is_windowed_on_its_own_and_restored(tmp_path):
 
 
 def test_hand_crafted_lesions_also_stay_inside_the_head(brain, tmp_path):
-    from synthlesion.evaluation.config import HandcraftedConfig
-    from synthlesion.evaluation.handcrafted import run_handcrafted
+    from synthlesion.pipelines.handcrafted import HandcraftedConfig, run_handcrafted
 
     out = tmp_path / "hc"
     report = run_handcrafted(

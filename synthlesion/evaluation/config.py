@@ -24,6 +24,7 @@ from typing import Literal
 
 from synthlesion.config import load_config
 from synthlesion.evaluation.errors import EvaluationConfigError
+from synthlesion.pipelines.handcrafted import HandcraftedConfig
 
 ArmKind = Literal["real", "classical", "copy_paste", "handcrafted", "diffusion"]
 ARM_KINDS: tuple[str, ...] = ("real", "classical", "copy_paste", "handcrafted", "diffusion")
@@ -127,31 +128,6 @@ class SegmenterConfig:
             raise EvaluationConfigError("segmenter.channels: UNet needs at least 2 levels")
         if not 0.0 <= self.lesion_centred_fraction <= 1.0:
             raise EvaluationConfigError("segmenter.lesion_centred_fraction must lie in [0, 1]")
-
-
-@dataclass(frozen=True)
-class HandcraftedConfig:
-    """The SynTumor-style baseline generator (see :mod:`synthlesion.evaluation.handcrafted`).
-
-    Attributes:
-        per_case: Hand-crafted cases made from each source scan.
-        lesions_per_case: Lesions painted into each case.
-        healthy_only: Use only train scans without a lesion as sources.
-        seed: Base seed (each case's seed derives from it and the case id).
-        edge_mm: Width of the soft edge inside the lesion (mm).
-        texture_sigma_mm: Smoothing of the Gaussian texture (mm).
-        min_border_distance_mm: Distance kept from the organ's border (mm).
-        limit: Most cases (``None``: all sources).
-    """
-
-    per_case: int = 1
-    lesions_per_case: int = 1
-    healthy_only: bool = True
-    seed: int = 0
-    edge_mm: float = 2.0
-    texture_sigma_mm: float = 3.0
-    min_border_distance_mm: float = 2.0
-    limit: int | None = None
 
 
 @dataclass(frozen=True)

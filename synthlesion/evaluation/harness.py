@@ -207,7 +207,7 @@ def run_evaluation(
 def _handcrafted_manifest(config: EvaluateConfig, out: Path, progress: Progress | None) -> Path:
     if config.handcrafted_manifest is not None:
         return Path(config.handcrafted_manifest)
-    from synthlesion.evaluation.handcrafted import run_handcrafted
+    from synthlesion.pipelines.handcrafted import run_handcrafted
 
     _log(progress, "making the hand-crafted baseline lesions")
     report = run_handcrafted(config.data, config.splits, out / "handcrafted", config.handcrafted)

@@ -11,11 +11,17 @@ reference all use :func:`connected_lesions`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from synthlesion.data.cases import Case
+from synthlesion.data.io import load_image
+
+logger = logging.getLogger(__name__)
 
 MIN_LESION_VOXELS = 10
 """Smallest connected component (in voxels, or pixels in 2D) that counts as a lesion."""
@@ -53,6 +59,25 @@ class ConnectedLesion:
             self.classes[self.classes > 0].astype(np.int64), minlength=n_classes + 1
         )
         return counts[1:] / max(1, int(counts[1:].sum()))
+
+
+def case_has_lesion(case: Case, lesion_values: Sequence[int]) -> bool:
+    """Whether a case's label map holds a lesion voxel: healthy scans are recognised from their
+    voxels, not from a listing (a ``has_lesion`` flag the voxels contradict is logged; the
+    voxels win). A case without a mask has none."""
+    if case.mask is None:
+        return False
+    array = load_image(case.mask).array
+    found = bool(np.isin(array, list(lesion_values)).any())
+    if case.has_lesion is not None and bool(case.has_lesion) != found:
+        logger.warning(
+            "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
+            case.case_id,
+            case.has_lesion,
+            case.mask,
+            "holds" if found else "holds no",
+        )
+    return found
 
 
 def connected_lesions(

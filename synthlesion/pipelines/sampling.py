@@ -18,12 +18,10 @@ lesion labels differ from the model's is refused before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +29,11 @@ import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_channels, load_image, load_mask_for, save_image
+from synthlesion.data.io import load_channels, load_mask_for
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.data.volume import Volume
-from synthlesion.errors import GeometryError, ImageReadError, SynthlesionError
+from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.masks import (
     MaskBank,
     PlacementConstraint,
@@ -46,14 +44,21 @@ from synthlesion.masks import (
     placement_region,
     procedural_mask,
 )
-from synthlesion.masks.lesions import nest_classes
+from synthlesion.masks.lesions import case_has_lesion, nest_classes
 from synthlesion.pipelines.lesion_synthesis import (
     LesionSynthesisPipeline,
     SynthesisError,
     read_training_record,
 )
 from synthlesion.pipelines.quality import RealLesionReference
-from synthlesion.provenance.errors import GeneratorRecordError
+from synthlesion.provenance.errors import GeneratorRecordError, ProvenanceError
+from synthlesion.provenance.identity import GeneratorRef
+from synthlesion.provenance.run import (
+    GeneratedCase,
+    SyntheticSetReport,
+    SyntheticSetRun,
+    plan_cases,
+)
 from synthlesion.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -115,25 +120,6 @@ class SampleOptions:
     attributes: dict[str, float] | None = None
 
 
-@dataclass
-class SamplingReport:
-    """What a run did; every failed case is listed, never dropped silently."""
-
-    out_dir: Path
-    manifest: Path
-    written: list[str] = field(default_factory=list)
-    skipped_existing: list[str] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
-    rejected_by_quality: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def case_seed(base_seed: int, case_id: str) -> int:
-    """A per-case seed that depends only on the base seed and the case id."""
-    digest = hashlib.sha256(f"{base_seed}:{case_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 def run_sampling(
     model_dir: str | Path,
     data: str | Path,
@@ -144,7 +130,7 @@ def run_sampling(
     progress: Callable[[int, int, str], None] | None = None,
     patient_pattern: str | None = None,
     shard: tuple[int, int] | None = None,
-) -> SamplingReport:
+) -> SyntheticSetReport:
     """Make synthetic lesion cases from the train split; see the module docstring.
 
     Args:
@@ -164,16 +150,12 @@ def run_sampling(
         SynthesisError: a model trained on an evaluation patient, a model without a training
             record, a foreign manifest in ``out_dir``, no source scan.
     """
-    from synthlesion.provenance.identity import GeneratorRef
-    from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
-
     options = options or SampleOptions()
     rank, world = shard if shard is not None else _shard_from_env()
     if not 0 <= rank < world:
         raise SynthesisError(f"shard {rank} of {world} does not exist")
     if world > 1 and options.device.startswith("cuda") and ":" not in options.device:
         options = replace(options, device=f"cuda:{os.environ.get('LOCAL_RANK', rank)}")
-    started = time.perf_counter()
     out_dir = Path(out_dir)
     model_dir = Path(model_dir)
     splits = load_splits(splits_path)
@@ -201,7 +183,7 @@ def run_sampling(
     skipped = len(cases) - len(train_cases)
     if skipped:
         logger.info("%d case(s) of val/test patients are not used as sources", skipped)
-    presence = {c.case_id: has_lesion_voxels(c, lesion_values) for c in sources}
+    presence = {c.case_id: case_has_lesion(c, lesion_values) for c in sources}
     lesion_cases = [c for c in sources if presence[c.case_id]]
     if options.healthy_only:
         sources = [c for c in sources if not presence[c.case_id]]
@@ -232,18 +214,23 @@ def run_sampling(
         reference=reference,
     )
     generator = GeneratorRef.from_folder(model_dir, record_as=str(model_dir.resolve()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / (
-        "manifest.jsonl" if world == 1 else f"manifest.shard-{rank:03d}-of-{world:03d}.jsonl"
-    )
     try:
-        writer = ManifestWriter(manifest, out_dir, generator=generator, splits_sha256=splits.sha256)
-    except SynthlesionError as exc:
-        raise SynthesisError(
-            f"{out_dir}: holds a manifest of another run or model ({exc}); use a new folder"
-        ) from None
-    atomic_write_json(
-        out_dir / "sample_options.json",
+        run = SyntheticSetRun(
+            out_dir,
+            generator=generator,
+            splits_sha256=splits.sha256,
+            data=data,
+            manifest_name=(
+                "manifest.jsonl"
+                if world == 1
+                else f"manifest.shard-{rank:03d}-of-{world:03d}.jsonl"
+            ),
+            recoverable=(SynthesisError, PlacementError, ImageReadError, GeometryError),
+        )
+    except ProvenanceError as exc:
+        raise SynthesisError(str(exc)) from None
+    run.write_settings(
+        "sample_options.json",
         {
             "model": str(model_dir),
             "data": str(data),
@@ -251,60 +238,16 @@ def run_sampling(
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
         },
     )
-    report = SamplingReport(out_dir, manifest)
-    plan = [(src, k) for src in sources for k in range(options.per_case)]
-    if options.limit is not None:
-        plan = plan[: options.limit]
-    plan = plan[rank::world]
-    with writer:
-        make_missing_cases(
-            writer,
-            [(f"syn_{source.case_id}_{k:02d}", source) for source, k in plan],
-            lambda case_id, source: _make_case(
-                case_id,
-                source,
-                pipeline,
-                bank,
-                options,
-                writer,
-                lesion_values,
-                organ_values,
-                out_dir,
-            ),  # fmt: skip
-            report,
-            (SynthesisError, PlacementError, ImageReadError, GeometryError),
-            progress,
-        )
-    report.seconds = time.perf_counter() - started
+    maker = DiffusionCaseGenerator(pipeline, bank, options, lesion_values, organ_values)
+    plan = plan_cases(
+        sources, options.per_case, prefix="syn", limit=options.limit, shard=(rank, world)
+    )
+    report = run.run(plan, maker, base_seed=options.seed, progress=progress)
     atomic_write_json(
         out_dir / ("sample_report.json" if world == 1 else f"sample_report.shard-{rank:03d}.json"),
-        {
-            "written": report.written,
-            "skipped_existing": report.skipped_existing,
-            "failed": report.failed,
-            "rejected_by_quality": report.rejected_by_quality,
-            "seconds": round(report.seconds, 3),
-        },
+        report.to_dict(),
     )
     return report
-
-
-def has_lesion_voxels(case: Case, lesion_values: Sequence[int]) -> bool:
-    """Whether the case's label map holds a lesion voxel: from its voxels, not from a listing
-    (a ``has_lesion`` flag that the voxels contradict is logged and the voxels win)."""
-    if case.mask is None:
-        return False
-    array = load_image(case.mask).array
-    found = bool(np.isin(array, list(lesion_values)).any())
-    if case.has_lesion is not None and bool(case.has_lesion) != found:
-        logger.warning(
-            "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
-            case.case_id,
-            case.has_lesion,
-            case.mask,
-            "holds" if found else "holds no",
-        )
-    return found
 
 
 def _require_model_fits_data(
@@ -380,93 +323,100 @@ def merge_manifest_shards(out_dir: str | Path) -> Path:
     return out_dir / "manifest.jsonl"
 
 
-def _make_case(
-    case_id,
-    source: Case,
-    pipeline,
-    bank,
-    options,
-    writer,
-    lesion_values,  # noqa: ANN001
-    organ_values,
-    out_dir: Path,
-) -> bool:
-    seed = case_seed(options.seed, case_id)
-    rng = np.random.default_rng(seed)
-    where = f"case {source.case_id}"
-    try:
-        channels = load_channels(source.images)
-    except GeometryError as exc:
-        raise SynthesisError(f"{where}: channels differ: {exc}") from None
-    image = channels[0]
-    for volume in channels:
-        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-            raise SynthesisError(f"{volume.source} ({where}): NaN/Inf voxels")
-    try:
-        labels = load_mask_for(image, source.mask)
-    except GeometryError as exc:
-        raise SynthesisError(f"{where}: {exc}") from None
-    label_array = _integer_labels(labels, where)
-    extra = sorted(set(np.unique(label_array).tolist()) - set(source.labels))
-    if extra:
-        raise SynthesisError(
-            f"{source.mask} ({where}): label values {extra} are not declared labels "
-            f"{sorted(source.labels)}"
+class DiffusionCaseGenerator:
+    """Makes one synthetic case with the lesion diffusion model (a
+    :class:`~synthlesion.provenance.run.CaseGenerator`): target masks in the placement region,
+    every channel painted, the label map updated; the driver writes it."""
+
+    def __init__(
+        self,
+        pipeline: LesionSynthesisPipeline,
+        bank: MaskBank | None,
+        options: SampleOptions,
+        lesion_values: Sequence[int],
+        organ_values: Sequence[int],
+    ) -> None:
+        self.pipeline = pipeline
+        self.bank = bank
+        self.options = options
+        self.lesion_values = list(lesion_values)
+        self.organ_values = tuple(organ_values)
+
+    def make_case(self, case_id: str, source: Case, seed: int) -> GeneratedCase:
+        options, lesion_values = self.options, self.lesion_values
+        rng = np.random.default_rng(seed)
+        where = f"case {source.case_id}"
+        try:
+            channels = load_channels(source.images)
+        except GeometryError as exc:
+            raise SynthesisError(f"{where}: channels differ: {exc}") from None
+        image = channels[0]
+        for volume in channels:
+            if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+                raise SynthesisError(f"{volume.source} ({where}): NaN/Inf voxels")
+        try:
+            labels = load_mask_for(image, source.mask)
+        except GeometryError as exc:
+            raise SynthesisError(f"{where}: {exc}") from None
+        label_array = _integer_labels(labels, where)
+        extra = sorted(set(np.unique(label_array).tolist()) - set(source.labels))
+        if extra:
+            raise SynthesisError(
+                f"{source.mask} ({where}): label values {extra} are not declared labels "
+                f"{sorted(source.labels)}"
+            )
+        region = _placement_region(
+            source, image, label_array, options, self.organ_values, lesion_values
         )
-    region = _placement_region(source, image, label_array, options, organ_values, lesion_values)
-    target, mask_facts = _target_mask(
-        case_id, source, image, label_array, region, rng, pipeline, bank, options, lesion_values
-    )
-    organ = np.isin(label_array, organ_values) if organ_values else region.mask
-    result = pipeline(
-        channels,
-        target,
-        organ_mask=organ,
-        region_mask=region.mask,
-        scheduler=options.scheduler,
-        num_inference_steps=options.steps,
-        seed=seed,
-        batch_size=options.batch_size,
-        dilation_mm=options.dilation_mm,
-        feather_mm=options.feather_mm,
-        attributes=options.attributes,
-    )
-    label_map = labels.array.copy()
-    for cls_index, value in enumerate(lesion_values, start=1):
-        label_map[result.lesion_mask == cls_index] = value
-    images_rel = [f"imagesTr/{case_id}_{c:04d}.nii.gz" for c in range(len(channels))]
-    mask_rel = f"labelsTr/{case_id}.nii.gz"
-    for volume, array, rel in zip(channels, result.images, images_rel, strict=True):
-        save_image(volume.with_array(array), out_dir / rel)
-    save_image(labels.with_array(label_map.astype(labels.array.dtype)), out_dir / mask_rel)
-    quality = {
-        "passed": all(q.passed for q in result.quality),
-        "lesions": [q.to_dict() for q in result.quality],
-        "mask_facts": mask_facts,
-    }
-    if result.attributes is not None:
-        quality["attributes"] = result.attributes
-    writer.append_case(
-        case_id=case_id,
-        source=source,
-        images=images_rel,
-        mask=mask_rel,
-        mask_origin=options.mask_source,
-        scheduler=options.scheduler,
-        steps=options.steps,
-        seed=seed,
-        quality=quality,
-        source_split="train",
-        mask_source_sha256=mask_facts.get("mask_sha256"),
-        mask_source_case=mask_facts.get("source_case"),
-        mask_source_patient=mask_facts.get("source_patient"),
-        mask_sources=[
-            {"sha256": m["mask_sha256"], "case": m["source_case"], "patient": m["source_patient"]}
-            for m in mask_facts.get("lesions", [])
-            if "mask_sha256" in m
-        ],
-    )
-    return bool(quality["passed"])
+        target, mask_facts = _target_mask(
+            case_id, source, image, label_array, region, rng, self.pipeline, self.bank,
+            options, lesion_values,
+        )  # fmt: skip
+        organ = np.isin(label_array, self.organ_values) if self.organ_values else region.mask
+        result = self.pipeline(
+            channels,
+            target,
+            organ_mask=organ,
+            region_mask=region.mask,
+            scheduler=options.scheduler,
+            num_inference_steps=options.steps,
+            seed=seed,
+            batch_size=options.batch_size,
+            dilation_mm=options.dilation_mm,
+            feather_mm=options.feather_mm,
+            attributes=options.attributes,
+        )
+        label_map = labels.array.copy()
+        for cls_index, value in enumerate(lesion_values, start=1):
+            label_map[result.lesion_mask == cls_index] = value
+        quality = {
+            "passed": all(q.passed for q in result.quality),
+            "lesions": [q.to_dict() for q in result.quality],
+            "mask_facts": mask_facts,
+        }
+        if result.attributes is not None:
+            quality["attributes"] = result.attributes
+        return GeneratedCase(
+            images=[v.with_array(a) for v, a in zip(channels, result.images, strict=True)],
+            mask=labels.with_array(label_map.astype(labels.array.dtype)),
+            mask_origin=options.mask_source,
+            scheduler=options.scheduler,
+            steps=options.steps,
+            quality=quality,
+            passed=bool(quality["passed"]),
+            mask_source_sha256=mask_facts.get("mask_sha256"),
+            mask_source_case=mask_facts.get("source_case"),
+            mask_source_patient=mask_facts.get("source_patient"),
+            mask_sources=[
+                {
+                    "sha256": m["mask_sha256"],
+                    "case": m["source_case"],
+                    "patient": m["source_patient"],
+                }
+                for m in mask_facts.get("lesions", [])
+                if "mask_sha256" in m
+            ],
+        )
 
 
 def _integer_labels(volume: Volume, where: str) -> np.ndarray:
@@ -642,4 +592,4 @@ def _draw_volume(
     return float(np.exp(rng.uniform(np.log(fallback[0]), np.log(fallback[1]))))
 
 
-__all__ = ["SampleOptions", "SamplingReport", "case_seed", "run_sampling"]
+__all__ = ["DiffusionCaseGenerator", "SampleOptions", "run_sampling"]

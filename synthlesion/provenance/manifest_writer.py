@@ -10,10 +10,10 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from synthlesion.data.cases import Case
 from synthlesion.provenance.errors import ManifestError, ManifestTampered
@@ -346,52 +346,6 @@ class ManifestWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class CaseLog(Protocol):
-    """What a run reports per case (the run reports of sampling and hand-crafted lesions)."""
-
-    written: list[str]
-    skipped_existing: list[str]
-    failed: list[dict[str, str]]
-
-
-def make_missing_cases(
-    writer: ManifestWriter,
-    plan: Sequence[tuple[str, Case]],
-    make_case: Callable[[str, Case], bool],
-    log: CaseLog,
-    recoverable: tuple[type[Exception], ...],
-    progress: Callable[[int, int, str], None] | None = None,
-) -> None:
-    """Make every case of ``plan`` that the manifest does not hold yet; a rerun resumes.
-
-    Args:
-        writer: The open manifest writer (its rows say which cases exist).
-        plan: ``(case id, source case)`` in run order.
-        make_case: Writes one case (files, then its manifest row); returns whether it passed
-            its quality gates (a ``False`` goes to ``log.rejected_by_quality`` as well).
-        log: The run report: ``written``, ``skipped_existing``, ``failed`` (and
-            ``rejected_by_quality`` where the run has quality gates).
-        recoverable: Errors that fail one case (logged and listed), not the run.
-        progress: Called as ``progress(done, total, case_id)`` after each case.
-    """
-    for done, (case_id, source) in enumerate(plan, start=1):
-        if case_id in writer:
-            log.skipped_existing.append(case_id)
-        else:
-            try:
-                passed = make_case(case_id, source)
-                log.written.append(case_id)
-                if not passed:
-                    log.rejected_by_quality.append(case_id)  # type: ignore[attr-defined]
-            except recoverable as exc:
-                logger.warning("%s: %s", case_id, exc)
-                log.failed.append(
-                    {"case_id": case_id, "source": source.case_id, "problem": str(exc)}
-                )
-        if progress is not None:
-            progress(done, len(plan), case_id)
 
 
 def reseal_manifest(path: str | Path, root: str | Path | None = None) -> dict[str, Any]:

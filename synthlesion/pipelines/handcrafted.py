@@ -8,11 +8,12 @@ contrasts (lesion mean minus surrounding tissue mean, in image units) plus a smo
 texture, with a soft edge (the change is blurred by ``edge_mm``). The label map is exact: the
 placed mask is the lesion.
 
-Cases are written like :func:`synthlesion.pipelines.sampling.run_sampling` writes diffusion
-cases: ``imagesTr/``, ``labelsTr/`` and a hash-chained ``manifest.jsonl`` through the dataset
-package's :class:`~synthlesion.dataset.ManifestWriter`, with a generator folder whose
-``training_record.json`` lists (hashed) the training patients whose lesions set the sizes and
-contrasts, so the builder's guards treat the baseline exactly like a trained generator.
+Cases are written by the same driver as diffusion cases
+(:class:`~synthlesion.provenance.run.SyntheticSetRun`): ``imagesTr/`` (every channel: the
+lesion is painted into each channel with that channel's own contrast), ``labelsTr/``, the
+synthetic mark in every file and a hash-chained ``manifest.jsonl``, with a generator folder
+whose ``training_record.json`` lists (hashed) the training patients whose lesions set the sizes
+and contrasts, so the builder's guards treat the baseline exactly like a trained generator.
 """
 
 from __future__ import annotations
@@ -20,20 +21,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image, load_mask_for, save_image
+from synthlesion.data.io import load_channels, load_image, load_mask_for
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
-from synthlesion.errors import SynthlesionError
-from synthlesion.evaluation.config import HandcraftedConfig
-from synthlesion.evaluation.errors import EvaluationError
+from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.masks import (
     PlacementConstraint,
     PlacementError,
@@ -41,12 +39,53 @@ from synthlesion.masks import (
     placement_region,
     procedural_mask,
 )
+from synthlesion.masks.lesions import case_has_lesion
+from synthlesion.pipelines.lesion_synthesis import SynthesisError
 from synthlesion.pipelines.quality import lesion_statistics
-from synthlesion.pipelines.sampling import case_seed
+from synthlesion.provenance.errors import ProvenanceError
+from synthlesion.provenance.identity import (
+    PATIENT_HASH_SCHEME,
+    TRAINING_RECORD_FILE,
+    GeneratorRef,
+    hash_patient_id,
+)
+from synthlesion.provenance.record import TrainingRecord
+from synthlesion.provenance.run import (
+    GeneratedCase,
+    SyntheticSetReport,
+    SyntheticSetRun,
+    plan_cases,
+    refuse_inside_data_root,
+)
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_FORMAT = "synthlesion-handcrafted-generator/1"
+
+
+@dataclass(frozen=True)
+class HandcraftedConfig:
+    """The SynTumor-style baseline generator (see the module docstring).
+
+    Attributes:
+        per_case: Hand-crafted cases made from each source scan.
+        lesions_per_case: Lesions painted into each case.
+        healthy_only: Use only train scans without a lesion as sources.
+        seed: Base seed (each case's seed derives from it and the case id).
+        edge_mm: Width of the soft edge inside the lesion (mm).
+        texture_sigma_mm: Smoothing of the Gaussian texture (mm).
+        min_border_distance_mm: Distance kept from the placement region's border (mm).
+        limit: Most cases (``None``: all sources).
+    """
+
+    per_case: int = 1
+    lesions_per_case: int = 1
+    healthy_only: bool = True
+    seed: int = 0
+    edge_mm: float = 2.0
+    texture_sigma_mm: float = 3.0
+    min_border_distance_mm: float = 2.0
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +115,7 @@ class RealLesionFit:
         """Measure every connected lesion of the given real training cases.
 
         Raises:
-            EvaluationError: no lesion among the cases.
+            SynthesisError: no lesion among the cases.
         """
         volumes, contrasts, stds, patients = [], [], [], set()
         lesion_values: tuple[int, ...] = ()
@@ -109,7 +148,7 @@ class RealLesionFit:
                 stds.append(stats.std)
             patients.add(case.patient_id)
         if not volumes:
-            raise EvaluationError(
+            raise SynthesisError(
                 "hand-crafted baseline: no real lesion in the train split to "
                 "learn sizes and contrasts from"
             )
@@ -132,18 +171,6 @@ class RealLesionFit:
 
     def draw_texture_sd(self, rng: np.random.Generator) -> float:
         return float(rng.choice(np.asarray(self.stds)) * rng.uniform(0.3, 0.6))
-
-
-@dataclass
-class HandcraftedReport:
-    """What a run wrote; failed cases are listed, never dropped silently."""
-
-    out_dir: Path
-    manifest: Path
-    generator_dir: Path
-    written: list[str] = field(default_factory=list)
-    skipped_existing: list[str] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def paint_handcrafted_lesion(
@@ -189,24 +216,15 @@ def run_handcrafted(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     patient_pattern: str | None = None,
-) -> HandcraftedReport:
+) -> SyntheticSetReport:
     """Write hand-crafted lesion cases of train-split scans, with a manifest.
 
     A rerun resumes (only missing cases are made, with the same per-case seeds).
 
     Raises:
-        EvaluationError: no lesion to learn from, no source scan, or ``out_dir`` holds a
+        SynthesisError: no lesion to learn from, no source scan, or ``out_dir`` holds a
             manifest of another generator.
     """
-    from synthlesion.provenance.identity import (
-        PATIENT_HASH_SCHEME,
-        TRAINING_RECORD_FILE,
-        GeneratorRef,
-        hash_patient_id,
-    )
-    from synthlesion.provenance.manifest_writer import ManifestWriter, make_missing_cases
-    from synthlesion.provenance.record import TrainingRecord
-
     options = options or HandcraftedConfig()
     out_dir = Path(out_dir)
     splits = load_splits(splits_path)
@@ -219,15 +237,18 @@ def run_handcrafted(
         and c.mask is not None
         and c.origin == "real"
     ]
-    fit = RealLesionFit.from_cases([c for c in train if c.has_lesion is not False])
-    sources = [c for c in train if not (options.healthy_only and c.has_lesion is not False)]
-    sources.sort(key=lambda c: (c.has_lesion is not False, c.case_id))
+    lesion_values = train[0].lesion_labels if train else ()
+    presence = {c.case_id: case_has_lesion(c, lesion_values) for c in train}
+    fit = RealLesionFit.from_cases([c for c in train if presence[c.case_id]])
+    sources = [c for c in train if not (options.healthy_only and presence[c.case_id])]
+    sources.sort(key=lambda c: (presence[c.case_id], c.case_id))  # healthy first
     if not sources:
-        raise EvaluationError(f"{data}: no source scan in the train split for hand-crafted lesions")
+        raise SynthesisError(f"{data}: no source scan in the train split for hand-crafted lesions")
+    refuse_inside_data_root(out_dir, data)
     generator_dir = out_dir / "generator"
     record = {
         "format": GENERATOR_FORMAT,
-        "generator": "synthlesion.evaluation.handcrafted",
+        "generator": __name__,
         "patient_hash_scheme": PATIENT_HASH_SCHEME,
         "patient_id_hashes": sorted(hash_patient_id(p) for p in fit.patients),
         "data": {
@@ -243,10 +264,9 @@ def run_handcrafted(
         },
         "options": asdict(options),
     }
-    record_path = generator_dir / TRAINING_RECORD_FILE
-    if record_path.is_file():
+    if (generator_dir / TRAINING_RECORD_FILE).is_file():
         if TrainingRecord.read(generator_dir).content != json.loads(json.dumps(record)):
-            raise EvaluationError(
+            raise SynthesisError(
                 f"{out_dir}: holds hand-crafted cases made with other settings or "
                 "data; use a new folder"
             )
@@ -254,105 +274,102 @@ def run_handcrafted(
         TrainingRecord(record).write(generator_dir)
     generator = GeneratorRef.from_folder(generator_dir, record_as=str(generator_dir.resolve()))
     try:
-        writer = ManifestWriter(
-            out_dir / "manifest.jsonl", out_dir, generator=generator, splits_sha256=splits.sha256
+        run = SyntheticSetRun(
+            out_dir,
+            generator=generator,
+            splits_sha256=splits.sha256,
+            data=data,
+            recoverable=(PlacementError, SynthesisError, ImageReadError, GeometryError),
         )
-    except SynthlesionError as exc:
-        raise EvaluationError(
-            f"{out_dir}: holds a manifest of another run ({exc}); use a new folder"
-        ) from None
-    report = HandcraftedReport(out_dir, out_dir / "manifest.jsonl", generator_dir)
-    plan = [(src, k) for src in sources for k in range(options.per_case)]
-    if options.limit is not None:
-        plan = plan[: options.limit]
-    with writer:
-        make_missing_cases(
-            writer,
-            [(f"hc_{source.case_id}_{k:02d}", source) for source, k in plan],
-            lambda case_id, source: _make_case(case_id, source, fit, options, writer, out_dir),
-            report,
-            (PlacementError, EvaluationError),
-            progress,
-        )
-    return report
+    except ProvenanceError as exc:
+        raise SynthesisError(str(exc)) from None
+    plan = plan_cases(sources, options.per_case, prefix="hc", limit=options.limit)
+    return run.run(plan, HandcraftedCaseGenerator(fit, options), base_seed=options.seed,
+                   progress=progress)  # fmt: skip
 
 
-def _make_case(
-    case_id: str,
-    source: Case,
-    fit: RealLesionFit,
-    options: HandcraftedConfig,
-    writer: Any,
-    out_dir: Path,
-) -> bool:
-    """Write one hand-crafted case; True (hand-crafted lesions have no quality gates)."""
-    seed = case_seed(options.seed, case_id)
-    rng = np.random.default_rng(seed)
-    image = load_image(source.image)
-    labels = load_mask_for(image, source.mask)  # type: ignore[arg-type]
-    spacing = image.spacing
-    region = placement_region(  # organ labels, else the scan's foreground: never the air
-        labels.array,
-        image.array,
-        organ_labels=fit.organ_values,
-        lesion_labels=fit.lesion_values,
-        modality=source.modality,
-        where=f"{source.image} (case {source.case_id})",
-    )
-    constraint = PlacementConstraint(
-        min_border_distance_mm=options.min_border_distance_mm,
-        min_lesion_distance_mm=5.0,
-        existing_lesion_labels=fit.lesion_values,
-    )
-    allowed = constraint.allowed(labels.array, image.array, spacing, region=region)
-    tissue = region.mask
-    values = image.array.astype(np.float64)
-    label_map = labels.array.copy()
-    lesions = []
-    for _ in range(options.lesions_per_case):
-        placed = None
-        volume = fit.draw_volume(rng)
-        for _attempt in range(12):
-            try:
-                patch = procedural_mask(rng, spacing, volume)
-                placed, corner = place_mask(patch, allowed, rng)
-                break
-            except PlacementError:
-                volume *= 0.75  # the organ has no room for this size: try smaller
-        if placed is None:
-            raise EvaluationError(f"{source.image}: no room in the organ for a lesion")
-        values = paint_handcrafted_lesion(values, placed, tissue, spacing, rng, fit, options)
-        label_map[placed] = fit.lesion_values[0]
-        allowed &= ndimage.distance_transform_edt(~placed, sampling=spacing) > 5.0
-        lesions.append(
-            {"corner": list(corner), "voxels": int(placed.sum()), "volume_mm3": round(volume, 2)}
+class HandcraftedCaseGenerator:
+    """Paints hand-crafted lesions into one source scan (a
+    :class:`~synthlesion.provenance.run.CaseGenerator`); the driver writes the case."""
+
+    def __init__(self, fit: RealLesionFit, options: HandcraftedConfig) -> None:
+        self.fit = fit
+        self.options = options
+
+    def make_case(self, case_id: str, source: Case, seed: int) -> GeneratedCase:
+        fit, options = self.fit, self.options
+        rng = np.random.default_rng(seed)
+        channels = load_channels(source.images)
+        image = channels[0]
+        labels = load_mask_for(image, source.mask)  # type: ignore[arg-type]
+        spacing = image.spacing
+        region = placement_region(  # organ labels, else the scan's foreground: never the air
+            labels.array,
+            image.array,
+            organ_labels=fit.organ_values,
+            lesion_labels=fit.lesion_values,
+            modality=source.modality,
+            where=f"{source.image} (case {source.case_id})",
         )
-    source_array = image.array
-    if np.issubdtype(source_array.dtype, np.integer):
-        info = np.iinfo(source_array.dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    out = values.astype(source_array.dtype)
-    image_rel = f"imagesTr/{case_id}_0000.nii.gz"
-    mask_rel = f"labelsTr/{case_id}.nii.gz"
-    save_image(image.with_array(out), out_dir / image_rel)
-    save_image(labels.with_array(label_map), out_dir / mask_rel)
-    writer.append_case(
-        case_id=case_id,
-        source=source,
-        images=[image_rel],
-        mask=mask_rel,
-        mask_origin="procedural",
-        scheduler="handcrafted",
-        steps=0,
-        seed=seed,
-        quality={"passed": True, "lesions": lesions},
-        source_split="train",
-    )
-    return True
+        constraint = PlacementConstraint(
+            min_border_distance_mm=options.min_border_distance_mm,
+            min_lesion_distance_mm=5.0,
+            existing_lesion_labels=fit.lesion_values,
+        )
+        allowed = constraint.allowed(labels.array, image.array, spacing, region=region)
+        tissue = region.mask
+        values = [c.array.astype(np.float64) for c in channels]
+        label_map = labels.array.copy()
+        lesions = []
+        for _ in range(options.lesions_per_case):
+            placed = None
+            volume = fit.draw_volume(rng)
+            for _attempt in range(12):
+                try:
+                    patch = procedural_mask(rng, spacing, volume)
+                    placed, corner = place_mask(patch, allowed, rng)
+                    break
+                except PlacementError:
+                    volume *= 0.75  # the region has no room for this size: try smaller
+            if placed is None:
+                raise SynthesisError(
+                    f"{source.image} (case {source.case_id}): no room in the placement region "
+                    f"({region.detail}) for a lesion"
+                )
+            # the same lesion in every channel; each channel gets its contrast drawn afresh
+            values = [
+                paint_handcrafted_lesion(v, placed, tissue, spacing, rng, fit, options)
+                for v in values
+            ]
+            label_map[placed] = fit.lesion_values[0]
+            allowed &= ndimage.distance_transform_edt(~placed, sampling=spacing) > 5.0
+            lesions.append(
+                {
+                    "corner": list(corner),
+                    "voxels": int(placed.sum()),
+                    "volume_mm3": round(volume, 2),
+                }
+            )
+        painted = []
+        for channel, array in zip(channels, values, strict=True):
+            dtype = channel.array.dtype
+            if np.issubdtype(dtype, np.integer):
+                info = np.iinfo(dtype)
+                array = np.clip(np.rint(array), info.min, info.max)
+            painted.append(channel.with_array(array.astype(dtype)))
+        return GeneratedCase(
+            images=painted,
+            mask=labels.with_array(label_map),
+            mask_origin="procedural",
+            scheduler="handcrafted",
+            steps=0,
+            quality={"passed": True, "lesions": lesions},
+        )
 
 
 __all__ = [
-    "HandcraftedReport",
+    "HandcraftedCaseGenerator",
+    "HandcraftedConfig",
     "RealLesionFit",
     "paint_handcrafted_lesion",
     "run_handcrafted",
