@@ -75,6 +75,25 @@ class Case:
         return self.origin == "synthetic"
 
 
+SAFE_ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}")
+"""Case and patient ids: 1 to 128 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit,
+no ``..``. Case ids become file names of synthetic cases and built datasets, so no path
+separator, control character or space can reach a path."""
+
+
+def safe_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a safe case or patient id (:data:`SAFE_ID_PATTERN`), or ``None``."""
+    if not isinstance(value, str):
+        return f"{value!r} is not a string"
+    if SAFE_ID_PATTERN.fullmatch(value) is None:
+        return (
+            f"{value!r} is not a safe id (allowed: 1 to 128 letters, digits, '.', '_', '-', "
+            "starting with a letter or digit, no '..'; no path separators, spaces or control "
+            "characters)"
+        )
+    return None
+
+
 def lesion_label_values(labels: Mapping[int, str]) -> tuple[int, ...]:
     """Values of ``labels`` whose names contain a lesion word; all non-zero values if none do."""
     found = tuple(

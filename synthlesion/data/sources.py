@@ -17,12 +17,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from synthlesion.data.cases import Case, patient_from_case_id
+from synthlesion.data.cases import Case, patient_from_case_id, safe_id_problem
 from synthlesion.data.io import is_nifti
 from synthlesion.errors import CaseSourceError
 
 logger = logging.getLogger(__name__)
 
+SYNTHETIC_MANIFEST_FORMAT = "synthlesion-manifest/1"
+"""Header format of a synthlesion manifest (``synthlesion.provenance.manifest``): files its
+rows list are synthetic, and a folder scan never reads them as real cases."""
 MASK_SUFFIXES = ("_mask", "_seg", "_label", "_labels", "_lesion")
 MANIFEST_COLUMNS = {
     "case_id",
@@ -39,7 +42,11 @@ MANIFEST_COLUMNS = {
 
 
 def load_cases(
-    path: str | Path, *, patient_pattern: str | None = None, modality: str | None = None
+    path: str | Path,
+    *,
+    patient_pattern: str | None = None,
+    modality: str | None = None,
+    check_ids: bool = True,
 ) -> list[Case]:
     """Load cases from a ``dataset.json``, a folder holding one, a manifest or a paired folder.
 
@@ -49,7 +56,16 @@ def load_cases(
         patient_pattern: Regex over the case id giving the patient id, used where the source has
             no patient column (see :func:`patient_from_case_id`).
         modality: Modality to record where the source names none.
+        check_ids: Refuse unsafe case or patient ids (:func:`require_safe_ids`); ``check``
+            reads with ``False`` and reports each one as a row.
     """
+    cases = _load_cases(path, patient_pattern=patient_pattern, modality=modality)
+    return require_safe_ids(cases) if check_ids else cases
+
+
+def _load_cases(
+    path: str | Path, *, patient_pattern: str | None, modality: str | None
+) -> list[Case]:
     path = Path(path)
     if path.is_dir():
         if (path / "dataset.json").is_file():
@@ -197,7 +213,10 @@ def _scan_nnunet_folder(
     if not images_dir.is_dir():
         raise CaseSourceError(f"{root}: dataset.json has no 'training' list and no imagesTr/")
     entries = []
+    synthetic = synthetic_files_listed_in(root)  # never read as real cases
     for first in sorted(images_dir.glob(f"*_0000{ending}")):
+        if first.resolve() in synthetic:
+            continue
         case_id = first.name[: -len(f"_0000{ending}")]
         images = [f"imagesTr/{case_id}_{c:04d}{ending}" for c in range(n_channels)]
         missing = [i for i in images if not (root / i).exists()]
@@ -360,7 +379,8 @@ def _parse_bool(value: Any) -> bool | None:
 def load_paired_folder(
     folder: str | Path, *, patient_pattern: str | None = None, modality: str | None = None
 ) -> list[Case]:
-    """Pair images and masks in a folder by name.
+    """Pair images and masks in a folder by name (files a synthlesion manifest in the folder
+    lists are synthetic and skipped).
 
     Two layouts:
 
@@ -408,17 +428,20 @@ def load_paired_folder(
     image_dir = folder / "images"
     mask_dir = next((folder / n for n in ("masks", "labels") if (folder / n).is_dir()), None)
     grouped: list[tuple[str, tuple[Path, ...], Path | None, tuple[str, ...]]] = []
+    synthetic = synthetic_files_listed_in(folder)  # never read as real cases
     if image_dir.is_dir() and mask_dir is not None:
-        for image in sorted(p for p in image_dir.iterdir() if is_nifti(p)):
+        for image in sorted(
+            p for p in image_dir.iterdir() if is_nifti(p) and p.resolve() not in synthetic
+        ):
             mask = mask_dir / image.name
             grouped.append(
                 (_strip_nifti(image.name), (image,), mask if mask.exists() else None, ())
             )
     else:
-        grouped = _pair_by_suffix(folder)
+        grouped = _pair_by_suffix(folder, synthetic)
     if not grouped:
         raise CaseSourceError(f"{folder}: no NIfTI images found (and no dataset.json)")
-    return [
+    cases = [
         Case(
             case_id=case_id,
             patient_id=_patient(case_id, patient_pattern, str(folder)),
@@ -433,13 +456,19 @@ def load_paired_folder(
         )
         for case_id, images, mask, channels in grouped
     ]
+    return cases
 
 
 def _pair_by_suffix(
-    folder: Path,
+    folder: Path, synthetic: set[Path]
 ) -> list[tuple[str, tuple[Path, ...], Path | None, tuple[str, ...]]]:
-    """Apply the one-folder rule of :func:`load_paired_folder`; cases sorted by id."""
-    files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
+    """Apply the one-folder rule of :func:`load_paired_folder` to the folder's files that no
+    synthlesion manifest lists; cases sorted by id."""
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if is_nifti(p) and not p.name.startswith(".") and p.resolve() not in synthetic
+    )
     stems: dict[str, Path] = {}
     for path in files:
         stem = _strip_nifti(path.name)
@@ -561,6 +590,50 @@ def _describe(channels: tuple[str, ...]) -> str:
 
 
 # --- shared helpers -----------------------------------------------------------------------
+
+
+def require_safe_ids(cases: list[Case]) -> list[Case]:
+    """Return ``cases`` when every case and patient id is safe
+    (:data:`synthlesion.data.cases.SAFE_ID_PATTERN`) and no two case ids are equal ignoring
+    letter case, else raise :class:`CaseSourceError` naming the source, the entry and the id."""
+    for case in cases:
+        where = case.provenance.get("source", "dataset")
+        entry = case.provenance.get("entry", case.provenance.get("line"))
+        at = f"{where}" + (f" entry {entry}" if entry is not None else "")
+        for what, value in (("case id", case.case_id), ("patient id", case.patient_id)):
+            problem = safe_id_problem(value)
+            if problem is not None:
+                raise CaseSourceError(f"{at}: {what} {problem}")
+    require_unique_case_ids(
+        cases, str(cases[0].provenance.get("source", "dataset")) if cases else ""
+    )
+    return cases
+
+
+def synthetic_files_listed_in(folder: str | Path) -> set[Path]:
+    """Files listed by synthlesion manifests (``*.jsonl`` with the manifest header) in
+    ``folder``: synthetic content that a folder scan must never read as real cases."""
+    listed: set[Path] = set()
+    folder = Path(folder)
+    for manifest in sorted(folder.glob("*.jsonl")):
+        try:
+            lines = manifest.read_text(encoding="utf-8").splitlines()
+            header = json.loads(lines[0]) if lines else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(header, dict) or header.get("format") != SYNTHETIC_MANIFEST_FORMAT:
+            continue
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            for value in [*(row.get("images") or []), row.get("mask")]:
+                if isinstance(value, str) and value:
+                    listed.add((folder / value).resolve())
+    return listed
 
 
 def duplicate_case_ids(cases: Iterable[Case]) -> list[list[str]]:

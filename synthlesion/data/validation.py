@@ -27,10 +27,11 @@ from typing import Literal
 
 import numpy as np
 
-from synthlesion.data.cases import Case
+from synthlesion.data.cases import Case, safe_id_problem
 from synthlesion.data.intensity import foreground_mask
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids, load_cases
+from synthlesion.data.synthetic_mark import header_mark
 from synthlesion.data.volume import Volume, geometry_differences, try_align_to_grid
 from synthlesion.errors import CaseSourceError, GeometryError, ImageReadError
 
@@ -122,7 +123,7 @@ def check_dataset(
     """Check every case of a ``dataset.json``, manifest or folder (see :func:`load_cases`)."""
     options = options or CheckOptions()
     try:
-        cases = load_cases(path, patient_pattern=patient_pattern)
+        cases = load_cases(path, patient_pattern=patient_pattern, check_ids=False)
     except CaseSourceError as exc:
         return CheckReport(str(path), 0, [Problem("-", str(path), "source", str(exc))])
     return check_cases(cases, options=options, source=str(path))
@@ -134,6 +135,11 @@ def check_cases(
     """Check a list of cases; rows come out in case order."""
     options = options or CheckOptions()
     problems: list[Problem] = []
+    for case in cases:
+        for what, value in (("case id", case.case_id), ("patient id", case.patient_id)):
+            problem = safe_id_problem(value)
+            if problem is not None:
+                problems.append(Problem(str(case.case_id), "-", "unsafe_id", f"{what} {problem}"))
     for ids in duplicate_case_ids(cases):
         problems.append(
             Problem(
@@ -163,7 +169,7 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
 
     images: list[Volume] = []
     for path in case.images:
-        volume = _read(path, options, add)
+        volume = _read(path, options, add, case.origin == "real")
         if volume is None:
             continue
         if images:
@@ -176,7 +182,7 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
         images.append(volume)
     if case.mask is None:
         return problems
-    mask = _read(case.mask, options, add)
+    mask = _read(case.mask, options, add, case.origin == "real")
     if mask is None:
         return problems
     if images:
@@ -240,7 +246,7 @@ def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]
     return problems
 
 
-def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN001
+def _read(path: Path, options: CheckOptions, add, real: bool = True) -> Volume | None:  # noqa: ANN001
     try:
         volume = load_image(
             path,
@@ -266,6 +272,14 @@ def _read(path: Path, options: CheckOptions, add) -> Volume | None:  # noqa: ANN
             "qform_sform",
             f"qform and sform disagree by up to {difference:.3g} mm (sform used by nibabel; "
             "other tools use the qform)",
+        )
+    mark = header_mark(volume.header) if real and volume.header is not None else None
+    if mark is not None:
+        add(
+            path,
+            "synthetic_file",
+            f"file carries the synthlesion synthetic mark (synthetic case {mark.get('case')}, "
+            f"run {mark.get('run')}) but is listed as a real case",
         )
     return volume
 

@@ -88,6 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synthlesion.data.sources import SYNTHETIC_MANIFEST_FORMAT
 from synthlesion.provenance.errors import GuardViolation, ManifestError, ManifestTampered
 from synthlesion.provenance.identity import (
     GeneratorRef,
@@ -98,7 +99,7 @@ from synthlesion.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "synthlesion-manifest/1"
+FORMAT = SYNTHETIC_MANIFEST_FORMAT  # "synthlesion-manifest/1"
 LOCK_FORMAT = "synthlesion-manifest-lock/1"
 GENESIS = "0" * 64
 MASK_ORIGINS = ("bank", "procedural", "user")

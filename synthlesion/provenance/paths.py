@@ -11,21 +11,22 @@ import os
 import re
 from pathlib import Path
 
+from synthlesion.data.cases import SAFE_ID_PATTERN, safe_id_problem
 from synthlesion.provenance.errors import UnsafePath
 
-CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CASE_ID_PATTERN = SAFE_ID_PATTERN  # one rule for ids, from the data floor
 _DRIVE = re.compile(r"[A-Za-z]:")  # C:, C:/x or C:x (a Windows drive)
 
 
 def check_case_id(case_id: object, where: str) -> str:
     """Return ``case_id`` if it is a safe file name stem, else raise :class:`UnsafePath`.
 
-    Allowed: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit.
+    Allowed: :data:`synthlesion.data.cases.SAFE_ID_PATTERN`.
     """
-    if not isinstance(case_id, str) or CASE_ID_PATTERN.fullmatch(case_id) is None:
+    problem = safe_id_problem(case_id)
+    if problem is not None:
         raise UnsafePath(
-            f"{where}: case id {case_id!r} cannot be used as a file name (allowed: letters, "
-            "digits, '.', '_', '-', starting with a letter or digit, at most 128 characters)",
+            f"{where}: case id {problem}; it cannot be used as a file name",
             case_id=case_id if isinstance(case_id, str) else None,
         )
     return case_id
