@@ -16,6 +16,7 @@ import numpy as np
 
 from synthlesion.data.cases import Case
 from synthlesion.data.sources import require_unique_case_ids
+from synthlesion.data.synthetic_mark import marked_files
 from synthlesion.errors import SplitError
 from synthlesion.storage import atomic_write_json, canonical_json_hash
 
@@ -150,12 +151,21 @@ def split_patients(
             ``has_lesion``.
 
     Raises:
-        SplitError: bad fractions, too few patients, synthetic cases, duplicate ids.
+        SplitError: bad fractions, too few patients, synthetic cases (tagged, or files that
+            carry the synthetic mark), duplicate ids.
     """
     require_unique_case_ids(cases, "split")
     synthetic = [c.case_id for c in cases if c.origin != "real"]
     if synthetic:
         raise SplitError(f"splits are drawn over real cases only; synthetic: {synthetic[:5]}")
+    marked = marked_files(cases)
+    if marked:
+        listed = "; ".join(f"{case} ({path})" for case, path, _ in marked[:5])
+        raise SplitError(
+            f"{len(marked)} file(s) listed as real carry the synthlesion synthetic mark: "
+            f"{listed}; splits are drawn over real cases only (remove the synthetic files or "
+            "give them through their manifest)"
+        )
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise SplitError(

@@ -19,12 +19,13 @@ such a file.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 
+from synthlesion.data.cases import Case
 from synthlesion.data.io import is_nifti
 from synthlesion.data.volume import Volume
 
@@ -75,6 +76,18 @@ def read_mark(path: str | Path) -> dict[str, Any] | None:
     return header_mark(header)
 
 
+def marked_files(cases: Iterable[Case]) -> list[tuple[str, Path, dict[str, Any]]]:
+    """``(case id, file, mark)`` for every image or mask of the given cases that carries the
+    synthetic mark (only headers are read)."""
+    found = []
+    for case in cases:
+        for path in (*case.images, *([case.mask] if case.mask is not None else [])):
+            mark = read_mark(path)
+            if mark is not None:
+                found.append((case.case_id, Path(path), mark))
+    return found
+
+
 def header_mark(header: Any) -> dict[str, Any] | None:
     """The synthetic mark of a header (extension first, then ``descrip``), or ``None``."""
     for extension in getattr(header, "extensions", []) or []:
@@ -103,4 +116,11 @@ def _mark_of(extension: Any) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["DESCRIP_PREFIX", "MARK_EXTENSION_CODE", "header_mark", "mark_volume", "read_mark"]
+__all__ = [
+    "DESCRIP_PREFIX",
+    "MARK_EXTENSION_CODE",
+    "header_mark",
+    "mark_volume",
+    "marked_files",
+    "read_mark",
+]

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids
 from synthlesion.data.splits import Splits, load_splits
 from synthlesion.provenance.errors import (
@@ -37,7 +36,7 @@ from synthlesion.provenance.errors import (
     SyntheticAsReal,
     SyntheticInEvaluation,
 )
-from synthlesion.provenance.identity import GeneratorRef, voxel_sha256
+from synthlesion.provenance.identity import GeneratorRef
 from synthlesion.provenance.manifest import ManifestRow
 from synthlesion.provenance.record import verify_generator
 from synthlesion.provenance.registry import SyntheticRegistry
@@ -466,46 +465,28 @@ def check_real_against_registry(
     *,
     check_voxels: bool = True,
 ) -> None:
-    """Refuse real cases whose files (or, for val/test, decoded voxels) are synthetic content."""
+    """Refuse real cases whose files are synthetic (:meth:`SyntheticRegistry.identify`: the
+    synthetic mark in the header, known even with no manifest given; a registered file's hash;
+    for val/test also the decoded voxels)."""
     for fact in real.values():
         evaluation = fact.side in EVAL_SIDES
         violation = SyntheticInEvaluation if evaluation else SyntheticAsReal
-        guard = violation.guard
         files = list(zip(fact.case.images, fact.image_sha256, strict=True))
         if fact.case.mask is not None and fact.mask_sha256 is not None:
             files.append((fact.case.mask, fact.mask_sha256))
         for path, digest in files:
-            sink.checked(guard)
-            hits = registry.lookup(digest)
-            if hits:
+            sink.checked(violation.guard)
+            match = registry.identify(path, file_sha256=digest, voxels=evaluation and check_voxels)
+            if match is not None:
                 sink(
                     violation(
-                        f"real {fact.side} case {fact.case.case_id}: {path} is a copy of synthetic "
-                        f"case {hits[0][1]} ({hits[0][0]} sha256 {digest[:12]})",
+                        f"real {fact.side} case {fact.case.case_id}: {path} {match.describe()}",
                         case_id=fact.case.case_id,
                         patient_id=fact.case.patient_id,
                         path=path,
                     )
                 )
                 break
-        else:
-            if evaluation and check_voxels and registry.has_voxels:
-                for path in files:
-                    sink.checked(guard)
-                    digest = voxel_sha256(load_image(path[0]).array)
-                    hits = registry.lookup(digest)
-                    if hits:
-                        sink(
-                            violation(
-                                f"real {fact.side} case {fact.case.case_id}: {path[0]} decodes to the "
-                                f"voxels of synthetic case {hits[0][1]} (a re-saved or re-compressed "
-                                "synthetic file)",
-                                case_id=fact.case.case_id,
-                                patient_id=fact.case.patient_id,
-                                path=path[0],
-                            )
-                        )
-                        break
 
 
 @dataclass

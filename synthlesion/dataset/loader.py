@@ -33,7 +33,6 @@ from synthlesion.data.io import load_image
 from synthlesion.dataset.errors import DatasetError
 from synthlesion.dataset.export import REGISTRY_FILE, read_build_record
 from synthlesion.provenance.errors import EvaluationPatientLeak, SyntheticInEvaluation
-from synthlesion.provenance.identity import voxel_sha256
 from synthlesion.provenance.registry import SyntheticRegistry
 from synthlesion.storage import sha256_file
 
@@ -419,23 +418,15 @@ class EvaluationDataset(Dataset):
             files.append((item["label"], item.get("label_sha256")))
         for path, expected in files:
             digest = sha256_file(path)
-            hits = self.registry.lookup(digest)
-            if hits:
+            changed = expected is not None and digest != expected
+            match = self.registry.identify(path, file_sha256=digest, voxels=changed)
+            if match is not None:
                 raise SyntheticInEvaluation(
-                    f"evaluation item {case}: {path} is synthetic case {hits[0][1]} "
-                    f"({hits[0][0]} sha256 {digest[:12]}), copied or renamed into real data",
+                    f"evaluation item {case}: {path} {match.describe()}",
                     case_id=str(case),
                     path=path,
                 )
-            if expected is not None and digest != expected:
-                hits = self.registry.lookup(voxel_sha256(load_image(path).array))
-                if hits:
-                    raise SyntheticInEvaluation(
-                        f"evaluation item {case}: {path} was replaced by a re-saved copy of "
-                        f"synthetic case {hits[0][1]}",
-                        case_id=str(case),
-                        path=path,
-                    )
+            if changed:
                 raise DatasetError(
                     f"evaluation item {case}: {path} changed since it was listed (sha256 differs)"
                 )
@@ -448,12 +439,11 @@ class EvaluationDataset(Dataset):
         channels, label = _read_case(source, self.spatial_dims)
         if self.check_voxels and index not in self._verified:
             for kind, array in [("image", c) for c in channels] + [("label", label)]:
-                hits = self.registry.lookup(voxel_sha256(array)) if array is not None else []
-                if hits:
+                match = self.registry.identify(array) if array is not None else None
+                if match is not None:
                     raise SyntheticInEvaluation(
-                        f"evaluation item {source.get('case_id', index)}: its {kind} decodes to "
-                        f"the voxels of synthetic case {hits[0][1]} (a re-saved or re-compressed "
-                        "synthetic file)",
+                        f"evaluation item {source.get('case_id', index)}: its {kind} "
+                        f"{match.describe()}",
                         case_id=str(source.get("case_id")),
                     )
             self._verified.add(index)

@@ -16,13 +16,17 @@ import io
 import logging
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from synthlesion.data.io import load_image
+from synthlesion.data.synthetic_mark import read_mark
 from synthlesion.provenance.errors import ProvenanceError
+from synthlesion.provenance.identity import voxel_sha256
 from synthlesion.provenance.manifest import ManifestRow, read_manifest
-from synthlesion.storage import atomic_write_bytes
+from synthlesion.storage import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,38 @@ class RegistryBuilder:
             np.frombuffer(self._rows.tobytes(), dtype=np.uint32)[order],
             np.frombuffer(bytes(self._ids), dtype=np.uint8),
             np.frombuffer(self._offsets.tobytes(), dtype=np.uint64),
+        )
+
+
+@dataclass(frozen=True)
+class SyntheticMatch:
+    """Why a file or array is synthetic (:meth:`SyntheticRegistry.identify`).
+
+    Attributes:
+        how: ``"mark"`` (its header says so), ``"file"`` (a registered synthetic file's
+            sha256) or ``"voxels"`` (a registered synthetic case's decoded voxels).
+        kind: What matched (``"image file"``, ``"mask voxels"``, ``"synthetic mark"``...).
+        case_id: The synthetic case it is, when known.
+        digest: The matching sha256, for file matches.
+    """
+
+    how: str
+    kind: str
+    case_id: str | None
+    digest: str | None
+
+    def describe(self) -> str:
+        """How it was recognised, in words (to follow "<file> ...")."""
+        if self.how == "mark":
+            return f"carries the synthlesion synthetic mark (synthetic case {self.case_id})"
+        if self.how == "file":
+            return (
+                f"is synthetic case {self.case_id} ({self.kind} sha256 "
+                f"{(self.digest or '')[:12]}), copied or renamed into real data"
+            )
+        return (
+            f"decodes to the voxels of synthetic case {self.case_id}: a re-saved copy of a "
+            "synthetic file (re-compressed or re-encoded)"
         )
 
 
@@ -148,6 +184,49 @@ class SyntheticRegistry:
         hi = int(np.searchsorted(self.digests, key, side="right")[0])
         return [(KINDS[int(self.kinds[i])], self.case_id(int(self.rows[i]))) for i in range(lo, hi)]
 
+    def identify(
+        self,
+        target: str | Path | np.ndarray,
+        *,
+        file_sha256: str | None = None,
+        voxels: bool = True,
+        mark: bool = True,
+    ) -> SyntheticMatch | None:
+        """Is this file or voxel array synthetic? The one answer for every guard and loader.
+
+        A file is synthetic when, in this order, its header carries the synthlesion synthetic
+        mark (known even with an empty registry), its sha256 is a registered synthetic file's
+        (a copy or a renamed file), or its decoded voxels hash to a registered synthetic
+        case's (a re-saved or re-compressed copy). A voxel array is checked by its voxels.
+
+        Args:
+            target: A NIfTI file (or DICOM folder), or a voxel array.
+            file_sha256: The file's sha256 when already known (saves a read).
+            voxels: Also decode the file and compare its voxels (costs a full read).
+            mark: Read the file's header for the synthetic mark.
+
+        Returns:
+            How it matched, or ``None`` when nothing says it is synthetic.
+        """
+        if isinstance(target, np.ndarray):
+            hits = self.lookup(voxel_sha256(target)) if self.has_voxels else []
+            return SyntheticMatch("voxels", hits[0][0], hits[0][1], None) if hits else None
+        path = Path(target)
+        if mark:
+            facts = read_mark(path)
+            if facts is not None:
+                return SyntheticMatch("mark", "synthetic mark", facts.get("case"), None)
+        digest = file_sha256 or (sha256_file(path) if path.is_file() else None)
+        if digest is not None:
+            hits = self.lookup(digest)
+            if hits:
+                return SyntheticMatch("file", hits[0][0], hits[0][1], digest)
+        if voxels and self.has_voxels:
+            hits = self.lookup(voxel_sha256(load_image(path).array))
+            if hits:
+                return SyntheticMatch("voxels", hits[0][0], hits[0][1], None)
+        return None
+
     def __contains__(self, sha256_hex: object) -> bool:
         return isinstance(sha256_hex, str) and bool(self.lookup(sha256_hex))
 
@@ -189,4 +268,4 @@ class SyntheticRegistry:
             raise ProvenanceError(f"{path}: unreadable synthetic registry ({exc})") from None
 
 
-__all__ = ["KINDS", "RegistryBuilder", "SyntheticRegistry", "digest_key"]
+__all__ = ["KINDS", "RegistryBuilder", "SyntheticMatch", "SyntheticRegistry", "digest_key"]
