@@ -58,7 +58,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (keys in insertion order) atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -77,5 +77,7 @@ def sha256_file(path: str | Path) -> str:
 
 def canonical_json_hash(obj: Any) -> str:
     """sha256 of ``obj`` serialised with sorted keys and no whitespace (stable across runs)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
     return sha256_bytes(text.encode("ascii"))

@@ -201,13 +201,19 @@ class QualityResult:
     seam: float = 1.0
 
     def to_dict(self) -> dict:
+        """JSON-ready values; a value that is not finite is recorded as ``null`` (strict JSON)
+        and has already failed the gate."""
         return {
             "passed": self.passed,
             "reasons": list(self.reasons),
-            **{f"lesion_{k}": v for k, v in asdict(self.stats).items()},
-            **self.zscores,
-            "seam": self.seam,
+            **{f"lesion_{k}": _finite_or_none(v) for k, v in asdict(self.stats).items()},
+            **{k: _finite_or_none(v) for k, v in self.zscores.items()},
+            "seam": _finite_or_none(self.seam),
         }
+
+
+def _finite_or_none(value: float | int) -> float | int | None:
+    return value if np.isfinite(value) else None
 
 
 def evaluate_lesion(
@@ -225,10 +231,13 @@ def evaluate_lesion(
     stats = lesion_statistics(synthetic, lesion, spacing, tissue=tissue)
     zscores = reference.zscores(stats) if reference is not None else {}
     seam = seam_score(source, synthetic, paste_region)
-    reasons = [
+    # every figure must be finite: a NaN compares False with any threshold and would pass
+    figures = {**{f"lesion_{k}": v for k, v in asdict(stats).items()}, **zscores, "seam": seam}
+    reasons = [f"{k} is not finite ({v})" for k, v in figures.items() if not np.isfinite(v)]
+    reasons += [
         f"{k}={v:.2f} beyond {gate.max_abs_z}"
         for k, v in zscores.items()
-        if abs(v) > gate.max_abs_z
+        if np.isfinite(v) and abs(v) > gate.max_abs_z
     ]
     if seam > gate.max_seam:
         reasons.append(f"seam={seam:.2f} above {gate.max_seam}")

@@ -109,6 +109,10 @@ _SUFFIX = len(_HASH_KEY) + 64 + 2
 OnViolation = Callable[[GuardViolation], None]
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (manifests are strict JSON)")
+
+
 def lock_path_for(manifest: str | Path) -> Path:
     """``runs/x/manifest.jsonl`` -> ``runs/x/manifest.lock.json``."""
     manifest = Path(manifest)
@@ -297,7 +301,9 @@ def _hash_list(value: Any, length: int | None, where: str) -> tuple[str, ...]:
 
 def encode_record(record: Mapping[str, Any], previous: str) -> tuple[bytes, str]:
     """One manifest line (with newline) for ``record`` chained to ``previous``; and its hash."""
-    body = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    body = json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
     digest = hashlib.sha256(previous.encode("ascii") + body).hexdigest()
     return body[:-1] + _HASH_KEY + digest.encode("ascii") + b'"}\n', digest
 
@@ -380,9 +386,9 @@ class ManifestReader:
             raise ManifestError(f"{where}: not a synthlesion manifest header")
         body, stored = parts
         try:
-            header = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ManifestError(f"{where}: not JSON") from None
+            header = json.loads(body, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+            raise ManifestError(f"{where}: not strict JSON") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ManifestError(f"{where}: format is not {FORMAT}")
         if hashlib.sha256(GENESIS.encode() + body).hexdigest() != stored:
@@ -454,7 +460,7 @@ class ManifestReader:
             return None
         body, stored = parts
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=_refuse_constant)
             if not isinstance(data, dict) or data.get("record") != "case":
                 raise ValueError(f"{where}: not a case record")
             row: ManifestRow | None = ManifestRow.from_record(data, where, stored)
