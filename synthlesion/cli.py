@@ -297,6 +297,11 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
         "--no-verify-generators", action="store_true", help="do not re-hash generator model folders"
     )
     p.add_argument(
+        "--include-rejected", type=float, default=None, metavar="WEIGHT",
+        help="also build synthetic cases that failed their quality gate, with this sampling "
+        "weight in (0, 1] relative to passed ones (default: they are left out)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-voxel-check",
         action="store_true",
         help="do not decode real val/test scans to compare voxel hashes",
@@ -322,6 +327,8 @@ def _cmd_build_dataset(args: argparse.Namespace) -> int:
         ("share_mode", args.share_mode),
         ("seed", args.seed),
         ("link_mode", args.link),
+        ("rejected_weight", args.include_rejected),
+        ("include_rejected", True if args.include_rejected is not None else None),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -77,7 +77,7 @@ from synthlesion.dataset.guards import (
     load_splits_checked,
 )
 from synthlesion.errors import ConfigError
-from synthlesion.provenance.errors import GuardViolation
+from synthlesion.provenance.errors import EvaluationPatientLeak, GuardViolation, SplitMismatch
 from synthlesion.provenance.identity import utc_now
 from synthlesion.provenance.manifest import read_manifest
 from synthlesion.provenance.registry import RegistryBuilder, SyntheticRegistry
@@ -103,11 +103,18 @@ class BuildConfig:
             the files where they are (its ``training`` list, and nnU-Net v2's ``dataset`` key),
             and imagesTr/labelsTr stay empty (nnU-Net's integrity check wants the folders).
             ``"none"`` avoids two links per synthetic case on very large builds.
-        verify_files: Hash every synthetic file and compare with its manifest row.
+        verify_files: Hash every synthetic file and compare with its manifest row. Off, the
+            re-hash is skipped, but a synthetic file that has the size of a real val/test scan
+            is still hashed and refused if it is that scan (the content check of evaluation
+            scans is never skipped).
         verify_generators: Recompute each generator's model-folder hash.
         check_voxels: Decode the real val/test scans and compare their voxel hashes with the
             synthetic registry (catches re-compressed synthetic copies).
         require_known_mask_source: Refuse a transplanted mask whose real source is unknown.
+        include_rejected: Also build synthetic cases that failed their quality gate
+            (excluded by default; counted in the dataset card either way).
+        rejected_weight: Sampling weight of an included rejected case relative to a passed
+            synthetic case (0..1].
         name: Dataset name written into dataset.json.
         patient_pattern: Regex giving patient ids from case ids when the real source has none.
     """
@@ -120,6 +127,8 @@ class BuildConfig:
     verify_generators: bool = True
     check_voxels: bool = True
     require_known_mask_source: bool = False
+    include_rejected: bool = False
+    rejected_weight: float = 1.0
     name: str = "synthlesion"
     patient_pattern: str | None = None
 
@@ -131,6 +140,8 @@ class BuildConfig:
             raise ConfigError("share_mode 'fixed' needs synthetic_share < 1 (some real cases)")
         if self.share_mode not in ("weights", "fixed"):
             raise ConfigError(f"share_mode must be 'weights' or 'fixed', got {self.share_mode!r}")
+        if not 0.0 < self.rejected_weight <= 1.0:
+            raise ConfigError(f"rejected_weight must lie in (0, 1], got {self.rejected_weight}")
         if self.link_mode not in ("symlink", "hardlink", "copy", "none"):
             raise ConfigError(
                 f"link_mode must be symlink, hardlink, copy or none, got {self.link_mode!r}"
@@ -171,6 +182,7 @@ class _Scan:
     ending: str | None
     channels: int | None
     rows_without_voxels: int
+    rejected_by_quality: int = 0
 
 
 class DatasetBuilder:
@@ -206,6 +218,7 @@ class DatasetBuilder:
             else list(real)
         )
         self.splits = splits if isinstance(splits, Splits) else load_splits_checked(splits)
+        self.splits_path = "<splits>" if isinstance(splits, Splits) else str(splits)
         self.manifests = [_manifest_source(m) for m in manifests]
 
     # -- public ------------------------------------------------------------------------
@@ -273,7 +286,8 @@ class DatasetBuilder:
                     [str(p) for p in case.images],
                     str(case.mask) if case.mask is not None else None,
                 )
-        eligible, without_voxels, manifests = 0, 0, []
+        eligible, without_voxels, rejected, manifests = 0, 0, 0, []
+        evaluation_files = _evaluation_files(real) if not self.config.verify_files else {}
         with (
             open(work / "ids.txt", "w", encoding="utf-8") as ids,
             open(work / "synthetic.jsonl", "w", encoding="utf-8") as fragment,
@@ -290,6 +304,18 @@ class DatasetBuilder:
                 except GuardViolation as exc:  # lock missing or swapped: the next manifest
                     sink(exc)
                     continue
+                recorded = reader.header.get("splits_sha256")
+                sink.checked("split-mismatch")
+                if recorded is not None and recorded != self.splits.sha256:
+                    sink(
+                        SplitMismatch(
+                            f"{source.path}: made against the splits with sha256 "
+                            f"{str(recorded)[:12]}, but this build uses {self.splits.sha256[:12]} "
+                            f"({self.splits_path}); sample again with the splits in use",
+                            path=source.path,
+                        )
+                    )
+                    continue
                 accepted = 0
                 for row in reader:
                     registry.add_row(row)
@@ -302,6 +328,15 @@ class DatasetBuilder:
                     if not ok:
                         continue
                     images, mask = reader.last_paths
+                    if evaluation_files:
+                        ok = _not_an_evaluation_scan(row, [*images, mask], evaluation_files, sink)
+                        if not ok:
+                            continue
+                    passed = row.quality.get("passed", True) is not False
+                    if not passed:
+                        rejected += 1
+                        if not self.config.include_rejected:
+                            continue
                     layout.check(row.case_id, images, mask)
                     fragment.write(
                         json.dumps(
@@ -316,6 +351,7 @@ class DatasetBuilder:
                                 "mask_origin": row.mask_origin,
                                 "images": list(images),
                                 "mask": mask,
+                                "passed": passed,
                             }
                         )
                         + "\n"
@@ -352,6 +388,7 @@ class DatasetBuilder:
             layout.ending,
             layout.channels,
             without_voxels,
+            rejected,
         )
 
     # -- pass 2: writing ---------------------------------------------------------------
@@ -436,7 +473,8 @@ class DatasetBuilder:
                     "origin": "synthetic",
                     "source_patient": item["source_patient"],
                     "generator": item["generator"],
-                    "sample_weight": w_syn,
+                    "sample_weight": w_syn * (1.0 if item["passed"] else config.rejected_weight),
+                    "quality_passed": item["passed"],
                 }
                 training.add(entry)
                 if nnunet_paths:
@@ -522,6 +560,10 @@ class DatasetBuilder:
         counts["synthetic_rows"] = sum(m["rows"] for m in scan.manifests)
         counts["synthetic_eligible"] = scan.eligible
         counts["train"]["synthetic"] = train[1] if train else scan.eligible
+        counts["synthetic_rejected_by_quality"] = scan.rejected_by_quality
+        counts["synthetic_rejected_included"] = (
+            scan.rejected_by_quality if self.config.include_rejected else 0
+        )
         counts["registry_entries"] = len(scan.registry)
         return counts
 
@@ -584,7 +626,17 @@ def _notes(scan: _Scan, n_syn: int, config: BuildConfig) -> list[str]:
         )
     if not config.verify_files:
         notes.append(
-            "synthetic files were not hashed against their manifest rows (verify_files off)"
+            "synthetic files were not hashed against their manifest rows (verify_files off); "
+            "files of a real val/test scan's size were still compared with those scans"
+        )
+    if scan.rejected_by_quality:
+        notes.append(
+            f"{scan.rejected_by_quality} synthetic case(s) failed their quality gate: "
+            + (
+                f"included with weight {config.rejected_weight:g} (include_rejected)"
+                if config.include_rejected
+                else "left out (include_rejected to build them)"
+            )
         )
     if not config.check_voxels:
         notes.append("real val/test scans were not decoded to compare voxel hashes")
@@ -598,6 +650,44 @@ def _notes(scan: _Scan, n_syn: int, config: BuildConfig) -> list[str]:
         "into its internal validation folds; report results on val.json/test.json"
     )
     return notes
+
+
+def _evaluation_files(real: dict[str, RealCaseFacts]) -> dict[int, dict[str, str]]:
+    """File size -> {sha256: case} of every real val/test image and mask (for the content
+    check of synthetic files that are not re-hashed)."""
+    by_size: dict[int, dict[str, str]] = {}
+    for fact in real.values():
+        if fact.side not in EVAL_SIDES:
+            continue
+        files = list(zip(fact.case.images, fact.image_sha256, strict=True))
+        if fact.case.mask is not None and fact.mask_sha256 is not None:
+            files.append((fact.case.mask, fact.mask_sha256))
+        for path, digest in files:
+            by_size.setdefault(os.path.getsize(path), {})[digest] = fact.case.case_id
+    return by_size
+
+
+def _not_an_evaluation_scan(
+    row: Any, paths: list[str], evaluation: dict[int, dict[str, str]], sink: ViolationSink
+) -> bool:
+    """False (and a violation) when a synthetic row's file holds a real val/test scan."""
+    for path in paths:
+        sink.checked("synthetic-in-evaluation")
+        candidates = evaluation.get(os.path.getsize(path))
+        if not candidates:
+            continue
+        case = candidates.get(sha256_file(path))
+        if case is not None:
+            sink(
+                EvaluationPatientLeak(
+                    f"synthetic case {row.case_id}: {path} is the real evaluation scan of case "
+                    f"{case}; refused for training",
+                    case_id=row.case_id,
+                    path=path,
+                )
+            )
+            return False
+    return True
 
 
 def _generator_dict(facts: Any) -> dict[str, Any]:

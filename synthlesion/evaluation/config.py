@@ -195,6 +195,8 @@ class EvaluateConfig:
         splits: The locked splits file of ``data``.
         test_split: The evaluation side scored (``test``, or ``val`` while developing).
         diffusion_manifests: Manifests of diffusion-synthetic sets (``synthlesion sample``).
+        include_rejected: Also train on synthetic cases that failed their quality gate
+            (left out by default, as ``build-dataset`` does).
         handcrafted_manifest: An existing hand-crafted set's manifest; ``None`` makes one in
             ``out_dir/handcrafted`` when an arm needs it.
         arms: The arms (names unique).
@@ -210,6 +212,7 @@ class EvaluateConfig:
     splits: Path
     test_split: Literal["test", "val"] = "test"
     diffusion_manifests: tuple[Path, ...] = ()
+    include_rejected: bool = False
     handcrafted_manifest: Path | None = None
     arms: tuple[ArmConfig, ...] = field(default_factory=default_arms)
     seeds: tuple[int, ...] = (0, 1, 2)

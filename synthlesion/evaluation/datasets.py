@@ -76,7 +76,13 @@ def require_real_source(data: str | Path, *, patient_pattern: str | None = None)
 
 
 def build_dataset(
-    data: str | Path, splits: str | Path, manifests: Sequence[Path], out: Path, *, reuse: bool
+    data: str | Path,
+    splits: str | Path,
+    manifests: Sequence[Path],
+    out: Path,
+    *,
+    reuse: bool,
+    include_rejected: bool = False,
 ) -> dict[str, Any]:
     """Build (or reuse) the guarded dataset; returns its build record.
 
@@ -90,7 +96,9 @@ def build_dataset(
 
     if reuse and (out / "build.json").is_file():
         return read_build_record(out)
-    config = BuildConfig(name="synthlesion-evaluation", link_mode="none")
+    config = BuildConfig(
+        name="synthlesion-evaluation", link_mode="none", include_rejected=include_rejected
+    )
     try:
         DatasetBuilder(data, splits, [Path(m) for m in manifests], config).build(out)
     except SyntheticInEvaluation as exc:

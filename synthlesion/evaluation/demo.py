@@ -246,6 +246,12 @@ def run_demo(
             f"{len(sampled.rejected_by_quality)} below the quality gate; manifest "
             f"{sampled.manifest}"
         )
+        if sampled.rejected_by_quality:
+            say(
+                "    (a model trained for minutes on a CPU: the demo builds and evaluates "
+                "the cases below the gate too, to show every stage; build-dataset and "
+                "evaluate leave them out unless asked)"
+            )
         result.paths["synthetic"] = sampled.manifest
         lap("sampling")
 
@@ -254,7 +260,7 @@ def run_demo(
             dataset,
             splits,
             [sampled.manifest],
-            BuildConfig(name="synthlesion-demo", synthetic_share=0.5),
+            BuildConfig(name="synthlesion-demo", synthetic_share=0.5, include_rejected=True),
         ).build(out / "dataset")
         c = built.counts
         refused = sum(g["violations"] for g in built.guards.values())
@@ -276,6 +282,7 @@ def run_demo(
                 "data": str(dataset),
                 "splits": str(splits),
                 "diffusion_manifests": [str(sampled.manifest)],
+                "include_rejected": True,
                 "seeds": list(profile.seeds),
                 "threads": threads,
                 "segmenter": {

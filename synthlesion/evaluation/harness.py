@@ -164,6 +164,7 @@ def run_evaluation(
             [m for ms in manifests.values() for m in ms],
             out / evdata.BUILD_DIR,
             reuse=resume,
+            include_rejected=config.include_rejected,
         )
         build = out / evdata.BUILD_DIR
         pool = evdata.load_training_pool(build, evdata.generator_kinds(manifests), normaliser)
