@@ -27,7 +27,7 @@ from pathlib import Path
 
 from synthlesion.evaluation.config import load_evaluate_config
 from synthlesion.evaluation.console import StageBars, arms_table, comparison_lines
-from synthlesion.evaluation.demo import DemoProfile, diffusion_train_config, ensure_patient_hashes
+from synthlesion.evaluation.demo import DemoProfile, diffusion_train_config
 from synthlesion.evaluation.harness import run_evaluation
 from synthlesion.evaluation.scenario import Scenario, make_scenario
 from synthlesion.pipelines.sampling import SampleOptions, run_sampling
@@ -38,6 +38,11 @@ GOAL = 0.05
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--include-rejected",
+        action="store_true",
+        help="also train on diffusion cases below the quality gate (left out by default)",
+    )
     parser.add_argument("--out", default="runs/bench_downstream")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -90,7 +95,6 @@ def main() -> int:
             config, progress=lambda step, row: bars.update("diffusion", step, config.max_steps)
         )
         model_dir = trained.model_dir
-    ensure_patient_hashes(model_dir, splits)
     lap("diffusion training")
     bars.line("painting lesions into the healthy training scans")
     sampled = run_sampling(
@@ -104,12 +108,17 @@ def main() -> int:
         progress=lambda done, total, case: bars.update("sampling", done, total),
     )
     lap("sampling")
+    print(
+        f"{len(sampled.written)} diffusion cases, {len(sampled.rejected_by_quality)} below the "
+        f"quality gate ({'included' if args.include_rejected else 'left out'})"
+    )
     config = load_evaluate_config(
         {
             "out_dir": str(out / "evaluation"),
             "data": str(dataset),
             "splits": str(splits),
             "diffusion_manifests": [str(sampled.manifest)],
+            "include_rejected": args.include_rejected,
             "seeds": list(range(args.seeds)),
             "threads": args.threads,
             "segmenter": {
