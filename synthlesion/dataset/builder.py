@@ -49,7 +49,9 @@ from synthlesion.dataset.export import (
     BUILD_FILE,
     BUILD_FORMAT,
     CARD_FILE,
+    EVAL_FOLDERS,
     REGISTRY_FILE,
+    SPLITS_FINAL_FILE,
     SYNTHETIC_FILE,
     CaseLinker,
     JsonListWriter,
@@ -61,6 +63,7 @@ from synthlesion.dataset.export import (
     read_jsonl,
     sibling_folder,
     write_eval_list,
+    write_nnunet_folds,
     write_synced,
 )
 from synthlesion.dataset.guards import (
@@ -98,8 +101,12 @@ class BuildConfig:
             ``"fixed"``: pick (with ``seed``) just enough synthetic cases that they make up
             ``synthetic_share`` of the listed training cases, all weighted 1.
         seed: Seed of the ``"fixed"`` draw.
-        link_mode: How imagesTr/labelsTr point at the files: ``"symlink"`` (relative links),
-            ``"hardlink"`` or ``"copy"``; or ``"none"``: no per-case files, dataset.json lists
+        link_mode: How imagesTr/labelsTr (and imagesVal/imagesTs for the evaluation cases)
+            hold the files: ``"auto"`` (default: hard links, copies across file systems),
+            ``"hardlink"`` or ``"copy"`` keep the build self-contained and portable (copy it
+            anywhere, e.g. into ``nnUNet_raw``); ``"symlink"`` (relative links to the sources,
+            valid only while the build keeps its place); or ``"none"``: no per-case files,
+            dataset.json lists
             the files where they are (its ``training`` list, and nnU-Net v2's ``dataset`` key),
             and imagesTr/labelsTr stay empty (nnU-Net's integrity check wants the folders).
             ``"none"`` avoids two links per synthetic case on very large builds.
@@ -115,21 +122,22 @@ class BuildConfig:
             (excluded by default; counted in the dataset card either way).
         rejected_weight: Sampling weight of an included rejected case relative to a passed
             synthetic case (0..1].
-        name: Dataset name written into dataset.json.
+        name: Dataset name written into dataset.json (``None``: the real dataset's own name,
+            else ``"synthlesion"``).
         patient_pattern: Regex giving patient ids from case ids when the real source has none.
     """
 
     synthetic_share: float | None = None
     share_mode: Literal["weights", "fixed"] = "weights"
     seed: int = 0
-    link_mode: Literal["symlink", "hardlink", "copy", "none"] = "symlink"
+    link_mode: Literal["auto", "symlink", "hardlink", "copy", "none"] = "auto"
     verify_files: bool = True
     verify_generators: bool = True
     check_voxels: bool = True
     require_known_mask_source: bool = False
     include_rejected: bool = False
     rejected_weight: float = 1.0
-    name: str = "synthlesion"
+    name: str | None = None
     patient_pattern: str | None = None
 
     def __post_init__(self) -> None:
@@ -142,9 +150,9 @@ class BuildConfig:
             raise ConfigError(f"share_mode must be 'weights' or 'fixed', got {self.share_mode!r}")
         if not 0.0 < self.rejected_weight <= 1.0:
             raise ConfigError(f"rejected_weight must lie in (0, 1], got {self.rejected_weight}")
-        if self.link_mode not in ("symlink", "hardlink", "copy", "none"):
+        if self.link_mode not in ("auto", "symlink", "hardlink", "copy", "none"):
             raise ConfigError(
-                f"link_mode must be symlink, hardlink, copy or none, got {self.link_mode!r}"
+                f"link_mode must be auto, symlink, hardlink, copy or none, got {self.link_mode!r}"
             )
 
 
@@ -212,6 +220,7 @@ class DatasetBuilder:
     ) -> None:
         self.config = config or BuildConfig()
         self.real_source = str(real) if isinstance(real, (str, Path)) else "<cases>"
+        self.dataset_name = _dataset_name(real) if isinstance(real, (str, Path)) else None
         self.cases = (
             load_cases(real, patient_pattern=self.config.patient_pattern)
             if isinstance(real, (str, Path))
@@ -406,91 +415,113 @@ class DatasetBuilder:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         labels, channel_names = labels_and_channels(self.cases)
-        head = {
-            "name": config.name,
-            "description": "Real training cases plus synthetic cases of training patients, "
-            "built by synthlesion; evaluation lists in val.json/test.json (real only).",
-            "reference": "synthlesion.dataset",
-            "licence": "see the source datasets",
-            "channel_names": channel_names,
-            "modality": channel_names,
-            "labels": {name: value for value, name in sorted(labels.items())},
-            "numTraining": n_real + n_syn,
-            "file_ending": ending,
-            "synthlesion": {
-                "format": BUILD_FORMAT,
-                "splits_sha256": self.splits.sha256,
-                "share_mode": config.share_mode,
-                "synthetic_share": config.synthetic_share,
-                "sample_weight": {"real": w_real, "synthetic": w_syn},
-            },
-        }
         nnunet_paths = "dataset" if config.link_mode == "none" else None
-        with (
-            CaseLinker(tmp, final, config.link_mode, ending) as link,
-            JsonListWriter(tmp / "dataset.json", head, "training", nnunet_paths) as training,
-            JsonListWriter(
-                tmp / SYNTHETIC_FILE,
-                {"format": "synthlesion-synthetic-list/1", "numCases": n_syn},
-                "synthetic",
-            ) as synthetic,
-        ):
-            for fact in train_real:
-                case = fact.case
-                if case.mask is None:
-                    raise DatasetError(
-                        f"real training case {case.case_id} has no mask; nnU-Net "
-                        "needs a label for every training case"
+        with CaseLinker(tmp, final, config.link_mode, ending) as link:
+            # the evaluation cases travel with the build (imagesVal/, imagesTs/): portable
+            placed: dict[str, dict[str, Any]] = {}
+            evaluation: dict[str, list[dict[str, Any]]] = {}
+            for side, folders in EVAL_FOLDERS.items():
+                evaluation[side] = []
+                for fact in sorted(
+                    (f for f in scan.real.values() if f.side == side),
+                    key=lambda f: f.case.case_id,
+                ):
+                    case = fact.case
+                    paths = link.case(
+                        case.case_id,
+                        [os.path.realpath(p) for p in case.images],
+                        os.path.realpath(case.mask) if case.mask is not None else None,
+                        folders,
                     )
-                paths = link.case(
-                    case.case_id,
-                    [os.path.realpath(p) for p in case.images],
-                    os.path.realpath(case.mask),
-                )
-                training.add(
-                    {
+                    placed[case.case_id] = paths
+                    evaluation[side].append({**paths, "case_id": case.case_id})
+            head = {
+                "name": config.name or self.dataset_name or "synthlesion",
+                "description": "Real training cases plus synthetic cases of training patients, "
+                "built by synthlesion; evaluation cases (real only) in validation/test, "
+                "val.json/test.json; nnU-Net folds in splits_final.json.",
+                "reference": "synthlesion.dataset",
+                "licence": "see the source datasets",
+                "channel_names": channel_names,
+                "modality": channel_names,
+                "labels": {name: value for value, name in sorted(labels.items())},
+                "numTraining": n_real + n_syn,
+                "file_ending": ending,
+                "validation": evaluation["val"],  # MONAI load_decathlon_datalist keys
+                "test": evaluation["test"],
+                "synthlesion": {
+                    "format": BUILD_FORMAT,
+                    "splits_sha256": self.splits.sha256,
+                    "share_mode": config.share_mode,
+                    "synthetic_share": config.synthetic_share,
+                    "sample_weight": {"real": w_real, "synthetic": w_syn},
+                },
+            }
+            with (
+                JsonListWriter(tmp / "dataset.json", head, "training", nnunet_paths) as training,
+                JsonListWriter(
+                    tmp / SYNTHETIC_FILE,
+                    {"format": "synthlesion-synthetic-list/1", "numCases": n_syn},
+                    "synthetic",
+                ) as synthetic,
+            ):
+                for fact in train_real:
+                    case = fact.case
+                    if case.mask is None:
+                        raise DatasetError(
+                            f"real training case {case.case_id} has no mask; nnU-Net "
+                            "needs a label for every training case"
+                        )
+                    paths = link.case(
+                        case.case_id,
+                        [os.path.realpath(p) for p in case.images],
+                        os.path.realpath(case.mask),
+                    )
+                    training.add(
+                        {
+                            **paths,
+                            "case_id": case.case_id,
+                            "patient_id": case.patient_id,
+                            "origin": "real",
+                            "source_patient": case.patient_id,
+                            "generator": None,
+                            "sample_weight": w_real,
+                        }
+                    )
+                    if nnunet_paths:
+                        training.add_extra(
+                            case.case_id, {"images": paths["image"], "label": paths["label"]}
+                        )
+                for number, item in enumerate(read_jsonl(tmp / "_work" / "synthetic.jsonl")):
+                    if selected is not None and not selected[number]:
+                        continue
+                    paths = link.case(item["case_id"], item["images"], item["mask"])
+                    entry = {
                         **paths,
-                        "case_id": case.case_id,
-                        "patient_id": case.patient_id,
-                        "origin": "real",
-                        "source_patient": case.patient_id,
-                        "generator": None,
-                        "sample_weight": w_real,
+                        "case_id": item["case_id"],
+                        "patient_id": item["source_patient"],
+                        "origin": "synthetic",
+                        "source_patient": item["source_patient"],
+                        "generator": item["generator"],
+                        "sample_weight": w_syn
+                        * (1.0 if item["passed"] else config.rejected_weight),
+                        "quality_passed": item["passed"],
                     }
-                )
-                if nnunet_paths:
-                    training.add_extra(
-                        case.case_id, {"images": paths["image"], "label": paths["label"]}
+                    training.add(entry)
+                    if nnunet_paths:
+                        training.add_extra(
+                            item["case_id"], {"images": paths["image"], "label": paths["label"]}
+                        )
+                    synthetic.add(
+                        {
+                            **entry,
+                            "source_case": item["source_case"],
+                            "generator_path": item["generator_path"],
+                            "manifest": self.manifests[item["manifest"]].path.as_posix(),
+                            "row": item["row"],
+                            "mask_origin": item["mask_origin"],
+                        }
                     )
-            for number, item in enumerate(read_jsonl(tmp / "_work" / "synthetic.jsonl")):
-                if selected is not None and not selected[number]:
-                    continue
-                paths = link.case(item["case_id"], item["images"], item["mask"])
-                entry = {
-                    **paths,
-                    "case_id": item["case_id"],
-                    "patient_id": item["source_patient"],
-                    "origin": "synthetic",
-                    "source_patient": item["source_patient"],
-                    "generator": item["generator"],
-                    "sample_weight": w_syn * (1.0 if item["passed"] else config.rejected_weight),
-                    "quality_passed": item["passed"],
-                }
-                training.add(entry)
-                if nnunet_paths:
-                    training.add_extra(
-                        item["case_id"], {"images": paths["image"], "label": paths["label"]}
-                    )
-                synthetic.add(
-                    {
-                        **entry,
-                        "source_case": item["source_case"],
-                        "generator_path": item["generator_path"],
-                        "manifest": self.manifests[item["manifest"]].path.as_posix(),
-                        "row": item["row"],
-                        "mask_origin": item["mask_origin"],
-                    }
-                )
         for side in EVAL_SIDES:
             write_eval_list(
                 tmp / f"{side}.json",
@@ -501,7 +532,17 @@ class DatasetBuilder:
                 labels,
                 channel_names,
                 ending,
+                placed,
             )
+
+        def synthetic_in_train() -> Iterable[tuple[str, str]]:
+            for number, item in enumerate(read_jsonl(tmp / "_work" / "synthetic.jsonl")):
+                if selected is None or selected[number]:
+                    yield item["case_id"], item["source_patient"]
+
+        folds = write_nnunet_folds(
+            tmp / SPLITS_FINAL_FILE, train_real, synthetic_in_train, seed=config.seed
+        )
         scan.registry.save(tmp / REGISTRY_FILE)
         save_config(config, tmp / "build_config.yaml")
         counts = self._counts(scan, (n_real, n_syn))
@@ -527,6 +568,7 @@ class DatasetBuilder:
                 "expected_share": _expected_share(n_real, n_syn, w_real, w_syn),
             },
             "link_mode": config.link_mode,
+            "nnunet_folds": folds,
             "file_ending": ending,
             "notes": _notes(scan, n_syn, config),
             "guards": sink.summary(),
@@ -539,6 +581,7 @@ class DatasetBuilder:
                 "test.json",
                 SYNTHETIC_FILE,
                 REGISTRY_FILE,
+                SPLITS_FINAL_FILE,
                 "build_config.yaml",
             )
         }
@@ -569,6 +612,19 @@ class DatasetBuilder:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _dataset_name(real: str | Path) -> str | None:
+    """The ``name`` of the real data's dataset.json, when it has one (kept in the build)."""
+    path = Path(real)
+    path = path / "dataset.json" if path.is_dir() else path
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(name) if isinstance(name, str) and name.strip() else None
 
 
 def _manifest_source(item: Any) -> ManifestSource:
@@ -646,8 +702,10 @@ def _notes(scan: _Scan, n_syn: int, config: BuildConfig) -> list[str]:
             "ratio (still in the registry)"
         )
     notes.append(
-        "nnU-Net's own 5-fold cross-validation over imagesTr mixes synthetic cases "
-        "into its internal validation folds; report results on val.json/test.json"
+        "nnU-Net: copy splits_final.json into nnUNet_preprocessed/<dataset>/ before training: "
+        "its folds validate on real cases only, grouped by patient, and train on synthetic "
+        "cases only in the folds of their source patient (nnU-Net's own random folds would "
+        "mix synthetic cases into validation); report results on val.json/test.json"
     )
     return notes
 

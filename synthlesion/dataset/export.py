@@ -13,17 +13,19 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from synthlesion.data.cases import Case
 from synthlesion.data.splits import Splits
 from synthlesion.dataset.errors import BuildExistsError, DatasetError
 from synthlesion.dataset.guards import RealCaseFacts
 from synthlesion.provenance.paths import check_case_id
-from synthlesion.storage import sha256_file
+from synthlesion.storage import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ BUILD_FORMAT = "synthlesion-build/1"
 REGISTRY_FILE = "synthetic_registry.npz"
 CARD_FILE = "dataset_card.md"
 SYNTHETIC_FILE = "synthetic.json"
+SPLITS_FINAL_FILE = "splits_final.json"  # nnU-Net's cross-validation folds
+EVAL_FOLDERS = {"val": ("imagesVal", "labelsVal"), "test": ("imagesTs", "labelsTs")}
 ENDINGS = (".nii.gz", ".nii")
 
 
@@ -87,8 +91,14 @@ def labels_and_channels(cases: Sequence[Case]) -> tuple[dict[int, str], dict[str
 
 
 class CaseLinker:
-    """Places one case's files as imagesTr/{case}_{channel:04d}{ending} and labelsTr/{case};
-    with mode ``"none"`` it only returns the sources' paths relative to the build folder."""
+    """Places one case's files as imagesTr/{case}_{channel:04d}{ending} and labelsTr/{case}
+    (or another folder pair: imagesVal/labelsVal, imagesTs/labelsTs for the evaluation cases);
+    with mode ``"none"`` it only returns the sources' paths relative to the build folder.
+
+    Modes: ``"auto"`` (default: a hard link, or a copy where the files sit on another file
+    system), ``"hardlink"``, ``"copy"``: the build folder holds its files and can be copied or
+    moved anywhere (into ``nnUNet_raw``); ``"symlink"``: relative links to the sources, valid
+    only while the build keeps its place relative to them."""
 
     def __init__(self, tmp: Path, final: Path, mode: str, ending: str) -> None:
         self.tmp, self.final, self.mode, self.ending = str(tmp), str(final), mode, ending
@@ -120,15 +130,26 @@ class CaseLinker:
         for name, target in pairs:
             self._place(name, target)
 
-    def case(self, case_id: str, images: Sequence[str], mask: str) -> dict[str, Any]:
+    def case(
+        self,
+        case_id: str,
+        images: Sequence[str],
+        mask: str | None,
+        folders: tuple[str, str] = ("imagesTr", "labelsTr"),
+    ) -> dict[str, Any]:
         if self.mode == "none":
             return {
                 "image": [self._rel(p, self.final) for p in images],
-                "label": self._rel(mask, self.final),
+                "label": self._rel(mask, self.final) if mask is not None else None,
             }
-        names = [f"imagesTr/{case_id}_{c:04d}{self.ending}" for c in range(len(images))]
-        label = f"labelsTr/{case_id}{self.ending}"
-        self._pending.extend((*zip(names, images, strict=True), (label, mask)))
+        image_dir, label_dir = folders
+        names = [f"{image_dir}/{case_id}_{c:04d}{self.ending}" for c in range(len(images))]
+        label = f"{label_dir}/{case_id}{self.ending}" if mask is not None else None
+        for folder in folders:
+            os.makedirs(f"{self.tmp}/{folder}", exist_ok=True)
+        self._pending.extend(zip(names, images, strict=True))
+        if mask is not None and label is not None:
+            self._pending.append((label, mask))
         if len(self._pending) >= 4096:
             self.flush()
         return {"image": names, "label": label}
@@ -146,12 +167,15 @@ class CaseLinker:
         link = f"{self.tmp}/{name}"
         if self.mode == "symlink":
             os.symlink(self._rel(target, f"{self.final}/{name.partition('/')[0]}"), link)
-        elif self.mode == "hardlink":
+        elif self.mode in ("hardlink", "auto"):
             try:
                 os.link(target, link)
             except OSError as exc:
+                if self.mode == "auto":  # another file system: copy
+                    shutil.copyfile(target, link)
+                    return
                 raise DatasetError(
-                    f"cannot hard-link {target} ({exc}); use link_mode 'symlink' or 'copy'"
+                    f"cannot hard-link {target} ({exc}); use link_mode 'auto' or 'copy'"
                 ) from None
         else:
             shutil.copyfile(target, link)
@@ -215,7 +239,11 @@ def write_eval_list(
     labels: dict[int, str],
     channels: dict[str, str],
     ending: str,
+    placed: dict[str, dict[str, Any]] | None = None,
 ) -> None:
+    """``val.json`` / ``test.json``: the real cases of one evaluation side, with their file
+    hashes; paths relative to the build folder (``placed``: where the build put each case's
+    files; else the sources themselves)."""
     facts = sorted((f for f in real.values() if f.side == side), key=lambda f: f.case.case_id)
     head = {
         "format": "synthlesion-eval-list/1",
@@ -230,14 +258,18 @@ def write_eval_list(
     with JsonListWriter(path, head, side) as writer:
         for fact in facts:
             case = fact.case
+            where = (placed or {}).get(case.case_id) or {
+                "image": [os.path.relpath(os.path.realpath(p), final) for p in case.images],
+                "label": (
+                    os.path.relpath(os.path.realpath(case.mask), final)
+                    if case.mask is not None
+                    else None
+                ),
+            }
             writer.add(
                 {
-                    "image": [os.path.relpath(os.path.realpath(p), final) for p in case.images],
-                    "label": (
-                        os.path.relpath(os.path.realpath(case.mask), final)
-                        if case.mask is not None
-                        else None
-                    ),
+                    "image": where["image"],
+                    "label": where["label"],
                     "case_id": case.case_id,
                     "patient_id": case.patient_id,
                     "origin": "real",
@@ -245,6 +277,57 @@ def write_eval_list(
                     "label_sha256": fact.mask_sha256,
                 }
             )
+
+
+def write_nnunet_folds(
+    path: Path,
+    real_train: Sequence[RealCaseFacts],
+    synthetic: Callable[[], Iterable[tuple[str, str]]],
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> int:
+    """Write nnU-Net's ``splits_final.json``: k folds over the training patients.
+
+    Every fold's ``val`` holds real cases only, grouped by patient (all scans of a patient in
+    the same fold); a synthetic case sits in ``train`` of exactly the folds whose ``val`` does
+    not hold its source patient, so nnU-Net's cross-validation never validates on synthetic
+    data nor on a patient whose lesions it trained on. Streamed: memory does not grow with the
+    number of synthetic cases.
+
+    Args:
+        path: Where to write (atomically).
+        real_train: The real training cases.
+        synthetic: Called once per fold, gives ``(case id, source patient)`` of every synthetic
+            training case.
+        folds: Wanted folds (fewer when there are fewer patients; ``[]`` below two patients).
+        seed: Seed of the patient shuffle.
+
+    Returns:
+        The number of folds written.
+    """
+    patients = sorted({f.case.patient_id for f in real_train})
+    k = min(folds, len(patients))
+    with atomic_write(path, "w") as out:  # ASCII (json.dumps escapes the rest)
+        if k < 2:
+            out.write("[]\n")
+            return 0
+        order = np.random.default_rng(seed).permutation(len(patients))
+        fold_of = {patients[i]: rank % k for rank, i in enumerate(order)}
+        out.write("[")
+        for fold in range(k):
+            val = sorted(f.case.case_id for f in real_train if fold_of[f.case.patient_id] == fold)
+            train = sorted(f.case.case_id for f in real_train if fold_of[f.case.patient_id] != fold)
+            out.write(("\n  " if fold == 0 else ",\n  ") + '{"train": [')
+            out.write(", ".join(json.dumps(c) for c in train))
+            first = not train
+            for case_id, patient in synthetic():
+                if fold_of.get(patient, -1) != fold:
+                    out.write(("" if first else ", ") + json.dumps(case_id))
+                    first = False
+            out.write('], "val": [' + ", ".join(json.dumps(c) for c in val) + "]}")
+        out.write("\n]\n")
+    return k
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
