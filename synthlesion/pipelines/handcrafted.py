@@ -244,7 +244,10 @@ def run_handcrafted(
     sources.sort(key=lambda c: (presence[c.case_id], c.case_id))  # healthy first
     if not sources:
         raise SynthesisError(f"{data}: no source scan in the train split for hand-crafted lesions")
-    refuse_inside_data_root(out_dir, data)
+    try:
+        refuse_inside_data_root(out_dir, data)  # before the generator folder is written
+    except ProvenanceError as exc:
+        raise SynthesisError(str(exc)) from None
     generator_dir = out_dir / "generator"
     record = {
         "format": GENERATOR_FORMAT,
