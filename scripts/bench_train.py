@@ -62,14 +62,14 @@ def bare_loop(config, steps: int) -> list[float]:
     from diffusers.optimization import get_scheduler
 
     from synthlesion.models import LesionDiffusionModel
-    from synthlesion.training.data import (
+    from synthlesion.training.crops import (
         CropBatchSampler,
         CropDataset,
         CropMaker,
         crop_spec,
-        load_training_data,
         make_loader,
     )
+    from synthlesion.training.data import load_training_data
 
     data = load_training_data(config.data, spatial_dims=config.model.spatial_dims, seed=config.seed)
     maker = CropMaker(data.train, crop_spec(config.data, data, None))
@@ -242,7 +242,8 @@ def config_3d(out: Path, dataset: Path, splits: Path, steps: int):
 
 def bench_roi(tmp: Path, steps: int, rounds: int) -> dict:
     from synthlesion.training import train
-    from synthlesion.training.data import CropMaker, crop_spec, load_training_data
+    from synthlesion.training.crops import CropMaker, crop_spec
+    from synthlesion.training.data import load_training_data
 
     figures: dict = {}
     datasets = {}
@@ -285,13 +286,8 @@ def bench_roi(tmp: Path, steps: int, rounds: int) -> dict:
 def bench_quality(tmp: Path, data_overrides: list[str], quick: bool) -> dict:
     from synthlesion.models import LesionDiffusionModel
     from synthlesion.training import load_train_config, train
-    from synthlesion.training.data import (
-        CropMaker,
-        collate,
-        crop_spec,
-        fixed_crops,
-        load_training_data,
-    )
+    from synthlesion.training.crops import CropMaker, collate, crop_spec, fixed_crops
+    from synthlesion.training.data import load_training_data
     from synthlesion.training.preview import fidelity, generate, summarise
 
     overrides = [*data_overrides, f"output_dir={tmp / 'quality'}", "report_to=none"]

@@ -247,8 +247,10 @@ def test_bank_lesions_stay_inside_the_head_without_any_organ_label(brain):
     report = json.loads((out / "sample_report.json").read_text())
     assert len(report["written"]) + len(report["failed"]) == 3
     built = brain["root"] / "built"
+    # a 3-step model's lesions fail the quality gate: built only when asked for
     assert main(["build-dataset", str(brain["data"]), "--splits", str(brain["splits"]),
-                 "--manifest", str(out / "manifest.jsonl"), "--out", str(built)]) == 0  # fmt: skip
+                 "--manifest", str(out / "manifest.jsonl"), "--out", str(built),
+                 "--include-rejected", "1"]) == 0  # fmt: skip
     spec = json.loads((built / "dataset.json").read_text())
     assert spec["channel_names"] == {"0": "FLAIR", "1": "T1", "2": "T1c", "3": "T2"}
     synthetic = [e for e in spec["training"] if e.get("origin") == "synthetic"]
@@ -347,7 +349,8 @@ def test_bad_inputs_are_clear_errors_or_reported_per_case(brain, tmp_path):
 
 def test_a_2d_model_learns_from_axial_slices_of_3d_scans(brain, tmp_path):
     from synthlesion.training.config import load_train_config
-    from synthlesion.training.data import CropMaker, crop_spec, load_training_data
+    from synthlesion.training.crops import CropMaker, crop_spec
+    from synthlesion.training.data import load_training_data
 
     raw = {
         "output_dir": str(tmp_path / "run2d"),

@@ -21,15 +21,15 @@ from synthlesion.errors import ConfigError, LabelError, SplitError
 from synthlesion.provenance.identity import hash_patient_id
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.config import load_train_config
-from synthlesion.training.data import (
+from synthlesion.training.crops import (
     CropBatchSampler,
     CropDataset,
     CropMaker,
     DataPosition,
     crop_spec,
-    load_training_data,
     make_loader,
 )
+from synthlesion.training.data import load_training_data
 from synthlesion.training.ema import EMA
 from synthlesion.training.errors import CheckpointError, TrainingDataError
 from synthlesion.training.preprocess import resample, to_ras
@@ -193,7 +193,7 @@ def test_disk_cache_is_reused_and_refreshed(phantom, tmp_path):
 
 
 def test_worker_init_seeds_global_generators_per_worker():
-    from synthlesion.training.data import seed_worker
+    from synthlesion.training.crops import seed_worker
 
     class Draw(torch.utils.data.Dataset):
         def __len__(self) -> int:

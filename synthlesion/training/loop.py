@@ -36,18 +36,16 @@ from synthlesion.storage import atomic_write_json
 from synthlesion.training import checkpoint as ckpt
 from synthlesion.training.augment import CropAugmenter
 from synthlesion.training.config import TrainConfig
-from synthlesion.training.data import (
+from synthlesion.training.crops import (
     CropBatchSampler,
     CropDataset,
     CropMaker,
     DataPosition,
-    TrainingData,
     crop_spec,
-    ensure_phantom,
     fixed_crops,
-    load_training_data,
     make_loader,
 )
+from synthlesion.training.data import TrainingData, ensure_phantom, load_training_data
 from synthlesion.training.ema import EMA
 from synthlesion.training.errors import CheckpointError, TrainingAbortedError
 from synthlesion.training.monitor import (

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from synthlesion.models.conditioning import CONTEXT_FILL_VALUE
 from synthlesion.pipelines.quality import lesion_statistics
 from synthlesion.storage import atomic_write_bytes
-from synthlesion.training.data import collate
+from synthlesion.training.crops import collate
 
 logger = logging.getLogger(__name__)
 
