@@ -13,7 +13,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from synthlesion import __version__
-from synthlesion.config import add_override_argument, parse_assignment
+from synthlesion.config import (
+    add_override_argument,
+    count_arg,
+    length_arg,
+    parse_assignment,
+    positive_arg,
+    regex_arg,
+    seed_arg,
+    share_arg,
+    weight_arg,
+)
 from synthlesion.errors import ConfigError, SynthlesionError
 
 logger = logging.getLogger("synthlesion")
@@ -33,7 +43,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tolerance-mm",
-        type=float,
+        type=length_arg,
         default=1e-3,
         help="largest allowed image/mask difference in spacing, origin, direction (mm)",
     )
@@ -45,12 +55,13 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--outside-body",
-        type=float,
+        type=share_arg,
         default=0.5,
         help="report a lesion whose fraction outside the body exceeds this",
     )
     p.add_argument(
         "--patient-pattern",
+        type=regex_arg,
         default=None,
         help="regex over the case id giving the patient id (group 'patient' or 1)",
     )
@@ -77,16 +88,17 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="splits file to write (JSON)")
     p.add_argument(
         "--fractions",
-        type=float,
+        type=share_arg,
         nargs=3,
         default=(0.7, 0.15, 0.15),
         metavar=("TRAIN", "VAL", "TEST"),
         help="shares of patients per side",
     )
-    p.add_argument("--folds", type=int, default=None, help="k folds (plus the test share)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=count_arg, default=None, help="k folds (plus the test share)")
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument(
         "--patient-pattern",
+        type=regex_arg,
         default=None,
         help="regex over the case id giving the patient id (group 'patient' or 1)",
     )
@@ -98,7 +110,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from synthlesion.data.sources import load_cases
-    from synthlesion.data.splits import save_splits, split_patients
+    from synthlesion.data.splits import require_listed_files, save_splits, split_patients
 
     out = Path(args.out)
     if out.exists():
@@ -109,6 +121,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
         )
         return 1
     cases = load_cases(args.path, patient_pattern=args.patient_pattern)
+    require_listed_files(cases)
     splits = split_patients(
         cases,
         fractions=args.fractions,
@@ -140,11 +153,14 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="3D volumes or 2D slices")
     p.add_argument(
-        "--patients", type=int, default=None, help="number of patients (default 8 in 3D, 100 in 2D)"
+        "--patients",
+        type=count_arg,
+        default=None,
+        help="number of patients (default 8 in 3D, 100 in 2D)",
     )
     p.add_argument(
         "--size",
-        type=int,
+        type=count_arg,
         default=None,
         help="in-plane voxels (default 96 in 3D, 128 in 2D; 64 for brain-mri-multi)",
     )
@@ -153,17 +169,17 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="brain-mri-multi only: the BraTS grid, 240 x 240 x 155 at 1 mm",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument(
         "--lesion-fraction",
-        type=float,
+        type=share_arg,
         default=None,
         help="share of patients with lesions, the rest are healthy (default 0.6; 0.75 for "
         "brain-mri-multi)",
     )
     p.add_argument(
         "--followup-fraction",
-        type=float,
+        type=share_arg,
         default=None,
         help="share of patients with a second time point (default 0.5; 0.4 for brain-mri-multi)",
     )
@@ -265,7 +281,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     add_override_argument(p, "synthetic_share=0.3", dest="set")
     p.add_argument(
         "--synthetic-share",
-        type=float,
+        type=share_arg,
         default=None,
         help="target synthetic share per epoch in train (0..1)",
     )
@@ -275,7 +291,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="per-item sampling weights, or a fixed ratio of listed cases",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed of the fixed-ratio draw")
+    p.add_argument("--seed", type=seed_arg, default=None, help="seed of the fixed-ratio draw")
     p.add_argument(
         "--link",
         choices=["symlink", "hardlink", "copy", "none"],
@@ -297,7 +313,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
         "--no-verify-generators", action="store_true", help="do not re-hash generator model folders"
     )
     p.add_argument(
-        "--include-rejected", type=float, default=None, metavar="WEIGHT",
+        "--include-rejected", type=weight_arg, default=None, metavar="WEIGHT",
         help="also build synthetic cases that failed their quality gate, with this sampling "
         "weight in (0, 1] relative to passed ones (default: they are left out)",
     )  # fmt: skip
@@ -308,6 +324,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--patient-pattern",
+        type=regex_arg,
         default=None,
         help="regex over the case id giving the patient id (group 'patient' or 1)",
     )
@@ -374,14 +391,14 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="real cases: dataset.json, manifest or folder")
     p.add_argument("--splits", required=True, help="locked splits file of --data")
     p.add_argument("--out", required=True, help="synthetic set folder (manifest.jsonl inside)")
-    p.add_argument("--per-case", type=int, default=1, help="synthetic cases per source scan")
-    p.add_argument("--lesions-per-case", type=int, default=1)
+    p.add_argument("--per-case", type=count_arg, default=1, help="synthetic cases per source scan")
+    p.add_argument("--lesions-per-case", type=count_arg, default=1)
     p.add_argument(
         "--scheduler", choices=["dpmsolver++", "ddim", "unipc", "ddpm"], default="dpmsolver++"
     )
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="regions per network call")
+    p.add_argument("--steps", type=count_arg, default=20)
+    p.add_argument("--seed", type=seed_arg, default=0)
+    p.add_argument("--batch-size", type=count_arg, default=8, help="regions per network call")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mask-source", choices=["bank", "procedural", "user"], default="bank")
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
@@ -391,32 +408,39 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "go only there (default: the organ labels, else the scan's foreground)",
     )  # fmt: skip
     p.add_argument(
-        "--region-label", type=int, default=None,
+        "--region-label", type=seed_arg, default=None,
         help="a label value of the source's label map that is the placement region",
     )  # fmt: skip
     p.add_argument("--healthy-only", action="store_true", help="only scans without a lesion")
     p.add_argument(
-        "--min-border-distance-mm", type=float, default=2.0,
+        "--min-border-distance-mm", type=length_arg, default=2.0,
         help="distance every new lesion voxel keeps from the placement region's border",
     )  # fmt: skip
     p.add_argument(
-        "--min-lesion-distance-mm", type=float, default=5.0,
+        "--min-lesion-distance-mm", type=length_arg, default=5.0,
         help="distance every new lesion keeps from existing and other new lesions",
     )  # fmt: skip
-    p.add_argument("--dilation-mm", type=float, default=3.0, help="blend margin around a lesion")
-    p.add_argument("--feather-mm", type=float, default=1.5, help="feather band inside the margin")
     p.add_argument(
-        "--lesion-volume-mm3", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        "--dilation-mm", type=length_arg, default=3.0, help="blend margin around a lesion"
+    )
+    p.add_argument(
+        "--feather-mm", type=length_arg, default=1.5, help="feather band inside the margin"
+    )
+    p.add_argument(
+        "--lesion-volume-mm3", type=positive_arg, nargs=2, default=None, metavar=("LOW", "HIGH"),
         help="procedural lesion volumes (mm^3; mm^2 in 2D) when the train split has no real "
         "lesion to learn sizes from",
     )  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="at most this many cases")
+    p.add_argument("--limit", type=count_arg, default=None, help="at most this many cases")
     p.add_argument(
         "--attribute", action="append", default=[], metavar="NAME=VALUE",
         help="attribute-conditioned models: a fixed value (mean_intensity in image units, "
         "volume_fraction); repeatable",
     )  # fmt: skip
-    p.add_argument("--patient-pattern", default=None)
+    p.add_argument(
+        "--patient-pattern", type=regex_arg, default=None,
+        help="regex over the case id giving the patient id (group 'patient' or 1)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_sample)
 
 
@@ -510,7 +534,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="evaluation YAML (see configs/evaluate_*.yaml)")
     add_override_argument(p, "segmenter.steps=100")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=count_arg, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -559,7 +583,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="a new or empty folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="smoke-sized run (a minute or two)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=count_arg, default=None, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_demo)

@@ -7,7 +7,10 @@ command line, and the resolved config written beside every output.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -197,4 +200,76 @@ def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return value
+    return value
+
+
+# --- command-line value types (argparse ``type=``): a bad value is a usage error (exit 2) ---
+
+
+def count_arg(text: str) -> int:
+    """An integer >= 1 (counts, steps, batch sizes, limits)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """An integer >= 0 (seeds, indices)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
+def share_arg(text: str) -> float:
+    """A finite number in [0, 1] (shares, fractions)."""
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    return value
+
+
+def weight_arg(text: str) -> float:
+    """A finite number in (0, 1] (relative weights)."""
+    value = _number(text, float)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
+def length_arg(text: str) -> float:
+    """A finite number >= 0 (distances in mm, tolerances)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def positive_arg(text: str) -> float:
+    """A finite number > 0 (volumes in mm^3)."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def regex_arg(text: str) -> str:
+    """A regular expression that compiles (returned as text)."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {'whole number' if kind is int else 'number'}"
+        ) from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value

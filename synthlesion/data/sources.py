@@ -60,7 +60,24 @@ def load_cases(
             reads with ``False`` and reports each one as a row.
     """
     cases = _load_cases(path, patient_pattern=patient_pattern, modality=modality)
+    if patient_pattern is not None:
+        _require_pattern_matches(patient_pattern, cases, path)
     return require_safe_ids(cases) if check_ids else cases
+
+
+def _require_pattern_matches(pattern: str, cases: list[Case], path: str | Path) -> None:
+    """A patient pattern must compile and match at least one case id (else it is a typo that
+    would silently leave every scan its own patient)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise CaseSourceError(f"invalid patient pattern {pattern!r}: {exc}") from None
+    if cases and not any(compiled.match(c.case_id) for c in cases):
+        examples = ", ".join(c.case_id for c in cases[:3])
+        raise CaseSourceError(
+            f"{path}: patient pattern {pattern!r} matches none of the {len(cases)} case ids "
+            f"(e.g. {examples})"
+        )
 
 
 def _load_cases(
@@ -361,8 +378,19 @@ def _read_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     if not reader.fieldnames or "case_id" not in reader.fieldnames:
         raise CaseSourceError(f"{path}: the header row must name a 'case_id' column")
+    width = len(reader.fieldnames)
     for number, row in enumerate(reader, start=2):
-        yield number, {k: v for k, v in row.items() if k is not None}
+        if None in row:  # more fields than the header names
+            raise CaseSourceError(
+                f"{path} line {number}: {width + len(row[None])} fields where the header names "
+                f"{width}; a field holding the delimiter must be quoted"
+            )
+        if any(value is None for value in row.values()):  # fewer fields than the header
+            found = sum(value is not None for value in row.values())
+            raise CaseSourceError(
+                f"{path} line {number}: {found} field(s) where the header names {width}"
+            )
+        yield number, dict(row)
 
 
 def _parse_bool(value: Any) -> bool | None:

@@ -8,6 +8,7 @@ case inherits the side of its source patient (the dataset builder enforces that)
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from synthlesion.data.sources import require_unique_case_ids
 from synthlesion.data.synthetic_mark import marked_files
 from synthlesion.errors import SplitError
 from synthlesion.storage import atomic_write_json, canonical_json_hash
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "synthlesion-splits/1"
 SIDES = ("train", "val", "test")
@@ -205,11 +208,37 @@ def split_patients(
     case_map = {c.case_id: c.patient_id for c in cases}
     if folds is None:
         sides = {side: tuple(sorted(b)) for side, b in zip(SIDES, bins, strict=True)}
+        for side, members in sides.items():
+            if len(members) < 2:
+                logger.warning(
+                    "split side %s holds %d patient(s): too few to train or evaluate on "
+                    "(%d patients in all; more data or other fractions)",
+                    side,
+                    len(members),
+                    len(patients),
+                )
         return Splits(sides, case_map, None, seed, "holdout")
     test = tuple(sorted(bins[0]))
     fold_lists = tuple(tuple(sorted(b)) for b in bins[1:])
     train = tuple(sorted(p for f in fold_lists for p in f))
     return Splits({"train": train, "val": (), "test": test}, case_map, fold_lists, seed, "kfold")
+
+
+def require_listed_files(cases: Sequence[Case]) -> None:
+    """Raise :class:`SplitError` unless every image and mask the cases list exists (a split
+    is locked only over data that is there)."""
+    missing = [
+        f"{c.case_id}: {path}"
+        for c in cases
+        for path in (*c.images, *([c.mask] if c.mask is not None else []))
+        if not Path(path).exists()
+    ]
+    if missing:
+        raise SplitError(
+            f"{len(missing)} listed file(s) do not exist, so the split is not locked: "
+            + "; ".join(missing[:5])
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
 
 
 def save_splits(splits: Splits, path: str | Path) -> str:

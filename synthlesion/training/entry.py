@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from synthlesion.config import add_override_argument
+from synthlesion.config import add_override_argument, count_arg
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stop-at-step",
-        type=int,
+        type=count_arg,
         default=None,
         help="save a checkpoint and stop after this many steps",
     )
