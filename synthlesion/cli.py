@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the job ran and found problems (or failed on bad data)
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -654,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"synthlesion {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in BUILDERS:
         add(sub)
@@ -681,12 +683,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except SynthlesionError as exc:
-        print(f"synthlesion {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"synthlesion {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # every failure is one line (the traceback with --debug)
+        if args.debug:
+            raise
+        print(f"synthlesion {args.command}: error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the file and the problem: the toolkit's own errors as they are, OS
+    errors with their file (disk full, read-only, permission), anything else with its type."""
+    if isinstance(exc, SynthlesionError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "a file"
+        reason = exc.strerror or str(exc)
+        hints = {
+            errno.ENOSPC: " (the disk is full: free space, nothing was half written)",
+            errno.EROFS: " (a read-only file system: choose another output folder)",
+            errno.EACCES: " (permission denied: choose a folder you may write)",
+        }
+        return f"{where}: {reason}{hints.get(exc.errno or 0, '')}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no message'} (--debug shows where)"
 
 
 if __name__ == "__main__":

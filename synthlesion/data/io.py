@@ -139,6 +139,7 @@ def load_nifti(
                     "corners of the grid; fix the header or load with on_form_mismatch='sform'"
                 )
             logger.warning("%s: qform and sform disagree by %.3g mm; using sform", path, difference)
+    _require_usable_affine(path, image.affine, shape)
     volume = Volume(array, image.affine, header, path, meta)
     if channels_last and array.ndim == 4:
         return volume
@@ -323,6 +324,27 @@ def _read_array(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     if not array.flags.writeable or not array.flags.owndata:
         array = np.array(array)
     return array
+
+
+def _require_usable_affine(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse a header whose voxel-to-world matrix cannot place the voxels: non-finite values,
+    or a voxel size of 0 on a spatial axis (the grid collapses)."""
+    if not np.all(np.isfinite(affine)):
+        raise ImageReadError(
+            path,
+            "the header's affine (qform/sform) holds NaN or Inf; voxels cannot be placed",
+            "affine",
+        )
+    sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    axes = min(3, max(2, len([n for n in shape if n > 1]) or 2))
+    zero = [i for i in range(axes) if sizes[i] <= 0]
+    if zero:
+        raise ImageReadError(
+            path,
+            f"the header gives a voxel size of 0 mm on axis {zero[0]}; voxels cannot be "
+            "placed (fix pixdim / the sform)",
+            "affine",
+        )
 
 
 def _check_dims(volume: Volume, spatial_dims: int | None) -> Volume:

@@ -151,12 +151,28 @@ def check_cases(
         )
     if options.workers > 1 and len(cases) > 1:
         with ThreadPoolExecutor(options.workers) as pool:
-            per_case = list(pool.map(lambda c: check_case(c, options), cases))
+            per_case = list(pool.map(lambda c: _check_case_safely(c, options), cases))
     else:
-        per_case = [check_case(c, options) for c in cases]
+        per_case = [_check_case_safely(c, options) for c in cases]
     for rows in per_case:
         problems.extend(rows)
     return CheckReport(source, len(cases), problems)
+
+
+def _check_case_safely(case: Case, options: CheckOptions) -> list[Problem]:
+    """:func:`check_case`, and whatever one case holds becomes a row: the check finishes every
+    case."""
+    try:
+        return check_case(case, options)
+    except Exception as exc:  # noqa: BLE001 - reported as a row, the other cases go on
+        return [
+            Problem(
+                case.case_id,
+                str(case.image),
+                "unreadable",
+                f"the case could not be checked: {type(exc).__name__}: {exc}",
+            )
+        ]
 
 
 def check_case(case: Case, options: CheckOptions | None = None) -> list[Problem]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
@@ -101,7 +102,7 @@ def _load_components(config: ModelConfig, root: Path, with_controlnet: bool) -> 
         try:
             with _no_progress_bars():
                 loaded[sub] = loaders[sub].from_pretrained(str(root / sub), **kwargs)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
             raise ModelFolderError(root, f"cannot load {sub}/: {exc}") from None
     return loaded
 

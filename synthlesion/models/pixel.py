@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from monai.networks.nets import DiffusionModelUNet
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -148,6 +149,12 @@ class PixelBackend(Backend):
         path = folder / WEIGHTS_FILE
         try:
             missing, unexpected = load_model(backend, str(path), strict=False)
+        except SafetensorError as exc:  # truncated, not safetensors (a pickle), corrupt
+            raise ModelFolderError(
+                folder,
+                f"{WEIGHTS_FILE} is not a readable safetensors file ({exc}); nothing "
+                "was executed (pickled weights are never loaded)",
+            ) from None
         except (RuntimeError, OSError, ValueError) as exc:
             raise ModelFolderError(
                 folder, f"{WEIGHTS_FILE} does not fit {config.backend} model_config.yaml: {exc}"

@@ -216,12 +216,20 @@ class LesionSynthesisPipeline:
                 f"{model_dir}: training record has no data section (intensity, roi_size); "
                 "it was not written by synthlesion training"
             )
-        normaliser = IntensityNormaliser(
-            mode=intensity["mode"],
-            window=tuple(intensity["window"]),
-            percentiles=tuple(intensity["percentiles"]),
-            windows=tuple(tuple(w) for w in intensity.get("windows", [])),
-        )
+        try:
+            normaliser = IntensityNormaliser(
+                mode=intensity["mode"],
+                window=tuple(intensity["window"]),
+                percentiles=tuple(intensity["percentiles"]),
+                windows=tuple(tuple(w) for w in intensity.get("windows", [])),
+            )
+            roi_size = [int(v) for v in data["roi_size"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SynthesisError(
+                f"{model_dir}: training record's data section is incomplete or malformed "
+                f"(intensity, roi_size: {type(exc).__name__} {exc}); it was not written by "
+                "synthlesion training, or was edited"
+            ) from None
         if data.get("spacing_resampled") and data.get("spacing"):
             kwargs.setdefault("train_spacing", data["spacing"])
         if getattr(model.config, "num_attributes", 0) and "attributes" not in data:
@@ -231,7 +239,7 @@ class LesionSynthesisPipeline:
                 'the "attributes" list to the record\'s data section'
             )
         kwargs.setdefault("attribute_names", data.get("attributes", ()))
-        return cls(model, normaliser, data["roi_size"], **kwargs)
+        return cls(model, normaliser, roi_size, **kwargs)
 
     # -- step 1 -------------------------------------------------------------------------
     def check_inputs(
