@@ -87,17 +87,83 @@ def read_nifti_bytes(path: str | Path) -> bytes:
     if str(path).lower().endswith(".gz"):
         if data[:2] != b"\x1f\x8b":
             raise ImageReadError(path, "not a gzip file although the name ends in .gz", "corrupt")
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
+        data = _gunzip_capped(path, data)
+    return data
+
+
+GZIP_HEADER_SLACK = 1 << 20  # header extensions may add this much beyond the voxel data
+
+
+def _gunzip_capped(path: Path, data: bytes) -> bytes:
+    """Decompress a gzip NIfTI, never past the size its own header declares.
+
+    The NIfTI header (the first 348 or 540 decompressed bytes) gives the data's offset, shape
+    and type, so the whole file may be at most ``vox_offset + voxels * bytes per voxel`` (plus
+    a little slack); a stream that expands beyond that (a decompression bomb, or a header that
+    lies) is refused before it fills memory. Every member's CRC and length are verified.
+    """
+    out = bytearray()
+    cap: int | None = None
+    rest = data
+    while rest:
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, CRC checked
+        chunk = rest
+        while True:
+            limit = (cap - len(out) + 1) if cap is not None else 65_536
+            try:
+                piece = stream.decompress(chunk, max(1, limit))
+            except zlib.error as exc:
+                raise ImageReadError(path, f"corrupt gzip stream ({exc})", "corrupt") from None
+            out += piece
+            chunk = stream.unconsumed_tail
+            if cap is None and len(out) >= 348:
+                cap = _declared_size(path, bytes(out[:540])) + GZIP_HEADER_SLACK
+            if cap is not None and len(out) > cap:
+                raise ImageReadError(
+                    path,
+                    f"the gzip stream expands beyond the {cap - GZIP_HEADER_SLACK} bytes its "
+                    "NIfTI header declares (a decompression bomb or a corrupt header); not read",
+                    "corrupt",
+                )
+            if stream.eof or (not chunk and not piece):
+                break
+        if not stream.eof:
             raise ImageReadError(
                 path,
                 "truncated gzip stream (the file ends before its end-of-stream marker)",
                 "truncated",
-            ) from None
-        except (gzip.BadGzipFile, zlib.error) as exc:
-            raise ImageReadError(path, f"corrupt gzip stream ({exc})", "corrupt") from None
-    return data
+            )
+        rest = stream.unused_data.lstrip(b"\x00")  # further members; padding zeros ignored
+        if rest and rest[:2] != b"\x1f\x8b":
+            raise ImageReadError(path, "trailing garbage after the gzip stream", "corrupt")
+    return bytes(out)
+
+
+def _declared_size(path: Path, head: bytes) -> int:
+    """Bytes a NIfTI file holds by its header: ``vox_offset`` + voxel data (NIfTI-1 or -2)."""
+    little = int.from_bytes(head[:4], "little")
+    big = int.from_bytes(head[:4], "big")
+    order = "<" if 348 in (little,) or 540 in (little,) else ">"
+    size = little if order == "<" else big
+    if size == 540:
+        if len(head) < 540:
+            return 540
+        dims = np.frombuffer(head, dtype=order + "i8", count=8, offset=16)
+        bitpix = int(np.frombuffer(head, dtype=order + "i2", count=1, offset=14)[0])
+        offset = int(np.frombuffer(head, dtype=order + "i8", count=1, offset=168)[0])
+    elif size == 348:
+        dims = np.frombuffer(head, dtype=order + "i2", count=8, offset=40)
+        bitpix = int(np.frombuffer(head, dtype=order + "i2", count=1, offset=72)[0])
+        offset = int(np.frombuffer(head, dtype=order + "f4", count=1, offset=108)[0])
+    else:
+        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file", "header")
+    ndim = int(dims[0])
+    if not 0 < ndim <= 7 or bitpix <= 0 or any(int(d) < 0 for d in dims[1 : ndim + 1]):
+        raise ImageReadError(path, "unreadable header: bad dimensions or data type", "header")
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    return max(int(offset), size) + voxels * ((bitpix + 7) // 8)
 
 
 def load_nifti(

@@ -20,6 +20,7 @@ from synthlesion.data.cases import Case, lesion_label_values
 from synthlesion.data.intensity import IntensityNormaliser
 from synthlesion.data.sources import load_cases, require_unique_case_ids
 from synthlesion.data.splits import Splits, load_splits
+from synthlesion.masks.lesions import MIN_LESION_VOXELS
 from synthlesion.provenance.identity import PATIENT_HASH_SCHEME, hash_patient_id
 from synthlesion.storage import canonical_json_hash, sha256_file
 from synthlesion.training.config import DataConfig
@@ -232,8 +233,9 @@ def load_training_data(
     n_lesions = sum(len(p.components) for p in prepared)
     if n_lesions == 0:
         raise TrainingDataError(
-            f"{cfg.dataset}: no lesion voxel (label value(s) {list(lesion_labels)}) in any of the "
-            f"{len(prepared)} train case(s) of {cfg.splits}"
+            f"{cfg.dataset}: no lesion (a connected component of label value(s) "
+            f"{list(lesion_labels)} of at least {MIN_LESION_VOXELS} voxels; smaller ones are "
+            f"specks) in any of the {len(prepared)} train case(s) of {cfg.splits}"
             + (f" after resampling to {list(cfg.spacing)} mm" if cfg.spacing else "")
             + "; a lesion generator needs lesions to learn from"
         )
