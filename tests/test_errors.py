@@ -203,6 +203,8 @@ NUMERIC = {
     "phantom": ["--patients", "--size", "--seed", "--lesion-fraction", "--followup-fraction"],
     "build-dataset": ["--synthetic-share", "--seed", "--include-rejected"],
     "check": ["--tolerance-mm", "--outside-body"],
+    "train": ["--stop-at-step"],
+    "evaluate": ["--threads"],
 }  # fmt: skip
 
 
@@ -230,6 +232,8 @@ def test_random_numeric_values_never_give_a_traceback(tmp_path, capsys, command,
                     "16"],
         "build-dataset": ["build-dataset", missing, "--splits", missing, "--out", str(out)],
         "check": ["check", missing],
+        "train": ["train", "--config", missing],
+        "evaluate": ["evaluate", "--config", missing],
     }[command]  # fmt: skip
     if command == "phantom" and option in ("--patients", "--size"):
         argv = [a for a in argv if a not in (option,)]

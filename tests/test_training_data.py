@@ -155,7 +155,7 @@ def test_no_lesion_in_train_split_is_an_error_before_any_step(tmp_path):
         "data": {"dataset": str(dataset), "splits": str(path), "roi_size": [8, 8, 8]},
         "model": {"spatial_dims": 3},
     }
-    with pytest.raises(TrainingDataError, match="no lesion voxel .* 4 train case"):
+    with pytest.raises(TrainingDataError, match="no lesion .* 4 train case"):
         train(load_train_config(raw))
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
