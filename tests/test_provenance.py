@@ -399,3 +399,136 @@ def test_nnunet_accepts_the_built_folder(world, tmp_path, monkeypatch):
     assert load_json(str(out / "splits_final.json")) == folds
     ids = {p.name[: -len("_0000.nii.gz")] for p in (out / "imagesTr").glob("*_0000.nii.gz")}
     assert all(set(f["train"]) | set(f["val"]) <= ids for f in folds)
+
+
+# --- attacks from the adversarial review ------------------------------------------------------
+
+
+def test_no_verify_files_refuses_a_re_encoded_test_scan(world, tmp_path):
+    import gzip
+
+    hc = tmp_path / "hc"
+    shutil.copytree(world["hc"], hc)
+    row = next(iter(read_manifest(hc / "manifest.jsonl", hc)))
+    victim = _eval_case(world, "test")
+    for source, rel in ((victim.image, row.images[0]), (victim.mask, row.mask)):
+        raw = gzip.decompress(Path(source).read_bytes())
+        (hc / rel).write_bytes(gzip.compress(raw, compresslevel=6, mtime=1))  # other bytes
+    with pytest.raises(GuardViolation) as caught:
+        DatasetBuilder(world["dataset"], world["splits"], [hc / "manifest.jsonl"],
+                       BuildConfig(link_mode="none", verify_files=False)).build(tmp_path / "b")  # fmt: skip
+    found = caught.value.violations if isinstance(caught.value, GuardViolations) else [caught.value]
+    assert any(isinstance(v, EvaluationPatientLeak) for v in found)
+
+
+def test_a_generator_folder_linked_elsewhere_is_refused(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (out / "generator").symlink_to(target)
+    with pytest.raises(SynthesisError, match="plain folder inside"):
+        run_handcrafted(world["dataset"], world["splits"], out, HandcraftedConfig(limit=1))
+    assert list(target.iterdir()) == []
+
+
+def test_the_generators_verdict_is_what_the_builder_reads(world, tmp_path):
+    class Rejected(_Fixed):
+        def make_case(self, case_id, source, seed):
+            made = super().make_case(case_id, source, seed)
+            made.quality, made.passed = {"score": 0.1}, False
+            return made
+
+    out = tmp_path / "out"
+    source = next(c for c in world["cases"] if world["split"].side_of_case(c.case_id) == "train")
+    report = _run(world, out).run([("api_case", source)], Rejected(), base_seed=0)
+    assert report.rejected_by_quality == ["api_case"]
+    built = DatasetBuilder(world["dataset"], world["splits"], [out / "manifest.jsonl"],
+                           BuildConfig(link_mode="none")).build(tmp_path / "b")  # fmt: skip
+    assert built.counts["train"]["synthetic"] == 0
+
+
+def test_the_hand_crafted_generator_refuses_a_nan_source(world, tmp_path):
+    dataset = _copy_real(world, tmp_path / "real")
+    source = sorted(
+        (c for c in world["cases"] if world["split"].side_of_case(c.case_id) == "train"),
+        key=lambda c: c.case_id,
+    )[0]
+    path = dataset.parent / Path(source.image).relative_to(world["dataset"].parent)
+    volume = load_image(path)
+    bad = volume.array.astype(np.float32)
+    bad[0, 0] = np.nan
+    save_image(Volume(bad, volume.affine, volume.header), path)
+    report = run_handcrafted(dataset, world["splits"], tmp_path / "hc",
+                             HandcraftedConfig(healthy_only=False))  # fmt: skip
+    assert any(f["source"] == source.case_id and "NaN" in f["problem"] for f in report.failed)
+
+
+def test_patient_ids_differing_only_in_letter_case_are_refused(world, tmp_path):
+    dataset = _copy_real(world, tmp_path / "real")
+    spec = json.loads(dataset.read_text())
+    first = spec["training"][0]
+    other = next(e for e in spec["training"] if e["patient_id"] != first["patient_id"])
+    first["patient_id"] = other["patient_id"].upper()
+    dataset.write_text(json.dumps(spec))
+    with pytest.raises(CaseSourceError, match="differ only in letter case"):
+        load_cases(dataset)
+    from synthlesion.data.validation import check_dataset
+
+    report = check_dataset(dataset)
+    assert "patient_id_case" in {p.code for p in report.problems}
+
+
+def test_an_output_folder_among_the_scans_of_a_csv_is_refused(world, tmp_path):
+    images = tmp_path / "scans"
+    images.mkdir()
+    rows = ["case_id,patient_id,image,mask,labels"]
+    for case in world["cases"]:
+        shutil.copy(case.image, images / Path(case.image).name)
+        shutil.copy(case.mask, images / ("m_" + Path(case.mask).name))
+        labels = json.dumps(dict(case.labels)).replace('"', '""')
+        rows.append(f"{case.case_id},{case.patient_id},{images / Path(case.image).name},"
+                    f"{images / ('m_' + Path(case.mask).name)},\"{labels}\"")  # fmt: skip
+    csv = tmp_path / "lists" / "real.csv"
+    csv.parent.mkdir()
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(SynthesisError, match="must not be written into the real data"):
+        run_handcrafted(csv, world["splits"], images / "synthetic", HandcraftedConfig(limit=1))
+    assert not (images / "synthetic").exists()
+
+
+def test_files_of_another_manifest_in_the_folder_are_never_rewritten(world, tmp_path):
+    out = tmp_path / "hc"
+    shutil.copytree(world["hc"], out)
+    (out / "manifest.jsonl").rename(out / "manifest.shard-000-of-002.jsonl")
+    (out / "manifest.lock.json").rename(out / "manifest.shard-000-of-002.lock.json")
+    before = {p: p.read_bytes() for p in out.rglob("*.nii.gz")}
+    report = run_handcrafted(world["dataset"], world["splits"], out,
+                             HandcraftedConfig(healthy_only=False, limit=4))  # fmt: skip
+    assert not report.written and len(report.failed) == 4
+    assert all("belongs to another manifest" in f["problem"] for f in report.failed)
+    assert {p: p.read_bytes() for p in out.rglob("*.nii.gz")} == before
+
+
+def test_a_writer_lock_linked_elsewhere_is_refused(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    (out / ".manifest.jsonl.writer").symlink_to(outside)
+    with pytest.raises((ProvenanceError, SynthesisError)):
+        _run(world, out)
+    assert not outside.exists()
+
+
+def test_a_lock_less_jsonl_does_not_hide_real_cases(world, tmp_path):
+    dataset = _copy_real(world, tmp_path / "real")
+    spec = json.loads(dataset.read_text())
+    real_ids = {e["case_id"] for e in spec.pop("training")}
+    dataset.write_text(json.dumps(spec))
+    victim = sorted(real_ids)[0]
+    forged = [
+        {"record": "header", "format": "synthlesion-manifest/1"},
+        {"images": [f"imagesTr/{victim}_0000.nii.gz"], "mask": f"labelsTr/{victim}.nii.gz"},
+    ]
+    (dataset.parent / "notes.jsonl").write_text("\n".join(json.dumps(r) for r in forged) + "\n")
+    assert {c.case_id for c in load_cases(dataset.parent)} == real_ids

@@ -635,15 +635,36 @@ def require_safe_ids(cases: list[Case]) -> list[Case]:
     require_unique_case_ids(
         cases, str(cases[0].provenance.get("source", "dataset")) if cases else ""
     )
+    clashes = patient_ids_differing_in_case(cases)
+    if clashes:
+        listed = "; ".join(" vs ".join(group) for group in clashes[:3])
+        raise CaseSourceError(
+            f"{cases[0].provenance.get('source', 'dataset')}: patient ids that differ only in "
+            f"letter case ({listed}): the same patient for the guards, two for a split; write "
+            "them alike, or make them really different"
+        )
     return cases
 
 
-def synthetic_files_listed_in(folder: str | Path) -> set[Path]:
-    """Files listed by synthlesion manifests (``*.jsonl`` with the manifest header) in
-    ``folder``: synthetic content that a folder scan must never read as real cases."""
+def patient_ids_differing_in_case(cases: Iterable[Case]) -> list[list[str]]:
+    """Groups of distinct patient ids that are equal ignoring letter case (``P01``/``p01``)."""
+    groups: dict[str, set[str]] = {}
+    for case in cases:
+        groups.setdefault(case.patient_id.casefold(), set()).add(case.patient_id)
+    return [sorted(ids) for ids in groups.values() if len(ids) > 1]
+
+
+def synthetic_files_listed_in(folder: str | Path, *, exclude: Path | None = None) -> set[Path]:
+    """Files listed by synthlesion manifests in ``folder`` (``*.jsonl`` with the manifest
+    header and its ``.lock.json`` beside it): synthetic content that a folder scan must never
+    read as real cases. ``exclude`` leaves one manifest out."""
     listed: set[Path] = set()
     folder = Path(folder)
     for manifest in sorted(folder.glob("*.jsonl")):
+        if exclude is not None and manifest.resolve() == Path(exclude).resolve():
+            continue
+        if not manifest.with_name(manifest.name[: -len(".jsonl")] + ".lock.json").is_file():
+            continue  # a manifest is only trusted with its lock
         try:
             lines = manifest.read_text(encoding="utf-8").splitlines()
             header = json.loads(lines[0]) if lines else None
@@ -661,6 +682,9 @@ def synthetic_files_listed_in(folder: str | Path) -> set[Path]:
             for value in [*(row.get("images") or []), row.get("mask")]:
                 if isinstance(value, str) and value:
                     listed.add((folder / value).resolve())
+    if listed:
+        logger.info("%s: %d file(s) listed by synthlesion manifests are not real cases", folder,
+                    len(listed))  # fmt: skip
     return listed
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from synthlesion.data.cases import Case
-from synthlesion.data.sources import require_unique_case_ids
+from synthlesion.data.sources import patient_ids_differing_in_case, require_unique_case_ids
 from synthlesion.data.synthetic_mark import marked_files
 from synthlesion.errors import SplitError
 from synthlesion.storage import atomic_write_json, canonical_json_hash
@@ -158,6 +158,13 @@ def split_patients(
             carry the synthetic mark), duplicate ids.
     """
     require_unique_case_ids(cases, "split")
+    clashes = patient_ids_differing_in_case(cases)
+    if clashes:
+        raise SplitError(
+            "patient ids differ only in letter case ("
+            + "; ".join(" vs ".join(g) for g in clashes[:3])
+            + "): one patient for the guards, two for a split; write them alike"
+        )
     synthetic = [c.case_id for c in cases if c.origin != "real"]
     if synthetic:
         raise SplitError(f"splits are drawn over real cases only; synthetic: {synthetic[:5]}")

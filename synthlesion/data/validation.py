@@ -30,7 +30,11 @@ import numpy as np
 from synthlesion.data.cases import Case, safe_id_problem
 from synthlesion.data.intensity import foreground_mask
 from synthlesion.data.io import load_image
-from synthlesion.data.sources import duplicate_case_ids, load_cases
+from synthlesion.data.sources import (
+    duplicate_case_ids,
+    load_cases,
+    patient_ids_differing_in_case,
+)
 from synthlesion.data.synthetic_mark import header_mark
 from synthlesion.data.volume import Volume, geometry_differences, try_align_to_grid
 from synthlesion.errors import CaseSourceError, GeometryError, ImageReadError
@@ -140,6 +144,16 @@ def check_cases(
             problem = safe_id_problem(value)
             if problem is not None:
                 problems.append(Problem(str(case.case_id), "-", "unsafe_id", f"{what} {problem}"))
+    for ids in patient_ids_differing_in_case(cases):
+        problems.append(
+            Problem(
+                ids[0],
+                "-",
+                "patient_id_case",
+                f"patient ids differ only in letter case: {', '.join(ids)} (one patient for the "
+                "guards, two for a split)",
+            )
+        )
     for ids in duplicate_case_ids(cases):
         problems.append(
             Problem(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -245,10 +246,18 @@ def run_handcrafted(
     if not sources:
         raise SynthesisError(f"{data}: no source scan in the train split for hand-crafted lesions")
     try:
-        refuse_inside_data_root(out_dir, data)  # before the generator folder is written
+        refuse_inside_data_root(out_dir, data, cases)  # before the generator folder is written
     except ProvenanceError as exc:
         raise SynthesisError(str(exc)) from None
     generator_dir = out_dir / "generator"
+    real_out = Path(os.path.realpath(out_dir))
+    if generator_dir.is_symlink() or (
+        generator_dir.exists() and real_out not in Path(os.path.realpath(generator_dir)).parents
+    ):
+        raise SynthesisError(
+            f"{generator_dir}: must be a plain folder inside {out_dir} (it is a link or leads "
+            "elsewhere); nothing was written"
+        )
     record = {
         "format": GENERATOR_FORMAT,
         "generator": __name__,
@@ -282,6 +291,7 @@ def run_handcrafted(
             generator=generator,
             splits_sha256=splits.sha256,
             data=data,
+            cases=cases,
             recoverable=(PlacementError, SynthesisError, ImageReadError, GeometryError),
         )
     except ProvenanceError as exc:
@@ -303,6 +313,9 @@ class HandcraftedCaseGenerator:
         fit, options = self.fit, self.options
         rng = np.random.default_rng(seed)
         channels = load_channels(source.images)
+        for volume in channels:
+            if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+                raise SynthesisError(f"{volume.source} (case {source.case_id}): NaN/Inf voxels")
         image = channels[0]
         labels = load_mask_for(image, source.mask)  # type: ignore[arg-type]
         spacing = image.spacing

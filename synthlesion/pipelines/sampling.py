@@ -220,6 +220,7 @@ def run_sampling(
             generator=generator,
             splits_sha256=splits.sha256,
             data=data,
+            cases=cases,
             manifest_name=(
                 "manifest.jsonl"
                 if world == 1

@@ -466,7 +466,7 @@ class ManifestReader:
             row: ManifestRow | None = ManifestRow.from_record(data, where, stored)
             problem = None
         except (ValueError, UnicodeDecodeError) as exc:
-            row, problem = None, str(exc)
+            row, problem = None, f"{where}: {exc}"
         if hashlib.sha256(previous.encode("ascii") + body).hexdigest() != stored:
             return self._reject(
                 row,

@@ -363,7 +363,12 @@ def _take_writer_lock(path: Path) -> IO[bytes]:
     """Hold ``.<manifest>.writer`` exclusively (POSIX ``flock``) while a writer is open, so a
     second writer can neither append nor truncate a torn line under the first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_name(f".{path.name}.writer"), "ab")  # noqa: SIM115
+    lock = path.with_name(f".{path.name}.writer")
+    try:  # never through a symbolic link: the lock file stays where the manifest is
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ManifestError(f"{lock}: cannot open the writer lock ({exc.strerror})") from None
+    handle = os.fdopen(fd, "ab")
     if fcntl is not None:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

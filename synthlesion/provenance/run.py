@@ -18,17 +18,18 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from synthlesion.data.cases import Case
 from synthlesion.data.io import save_image
+from synthlesion.data.sources import synthetic_files_listed_in
 from synthlesion.data.synthetic_mark import mark_volume
 from synthlesion.data.volume import Volume
 from synthlesion.errors import SynthlesionError
-from synthlesion.provenance.errors import ManifestError, ProvenanceError
+from synthlesion.provenance.errors import ManifestError, ProvenanceError, UnsafePath
 from synthlesion.provenance.identity import GeneratorRef
 from synthlesion.provenance.manifest_writer import ManifestWriter
 from synthlesion.provenance.paths import RootGuard, check_case_id
@@ -103,25 +104,32 @@ class SyntheticSetReport:
         }
 
 
-def refuse_inside_data_root(out_dir: Path, data: str | Path | None) -> None:
-    """Refuse an output folder equal to or inside the real data's folder: a later folder scan
+def refuse_inside_data_root(
+    out_dir: Path, data: str | Path | None, cases: Iterable[Case] = ()
+) -> None:
+    """Refuse an output folder equal to or inside the real data's folder, or inside any folder
+    that holds a real case's file (a CSV may list scans kept elsewhere): a later folder scan
     would read the synthetic files as real cases.
 
     Raises:
         ProvenanceError: naming both folders.
     """
-    if data is None:
-        return
-    data = Path(data)
-    root = data if data.is_dir() else data.parent
-    real_root = Path(os.path.realpath(root))
+    roots: set[Path] = set()
+    if data is not None:
+        data = Path(data)
+        roots.add(data if data.is_dir() else data.parent)
+    for case in cases:
+        for path in (*case.images, *([case.mask] if case.mask is not None else [])):
+            roots.add(Path(path).parent)
     real_out = Path(os.path.realpath(out_dir))
-    if real_out == real_root or real_root in real_out.parents:
-        raise ProvenanceError(
-            f"{out_dir}: the synthetic set must not be written into the real data folder "
-            f"{root} (a folder scan would read its files as real cases); choose a folder "
-            "outside it"
-        )
+    for root in sorted(roots):
+        real_root = Path(os.path.realpath(root))
+        if real_out == real_root or real_root in real_out.parents:
+            raise ProvenanceError(
+                f"{out_dir}: the synthetic set must not be written into the real data folder "
+                f"{root} (a folder scan would read its files as real cases); choose a folder "
+                "outside it"
+            )
 
 
 class SyntheticSetRun:
@@ -132,6 +140,7 @@ class SyntheticSetRun:
         generator: The generator of every case (recorded in the manifest and the mark).
         splits_sha256: sha256 of the locked splits the sources come from.
         data: The real data (dataset.json, manifest or folder): ``out_dir`` may not lie in it.
+        cases: The real cases: ``out_dir`` may not lie in a folder holding their files.
         manifest_name: The manifest's file name (shards of a several-GPU run have their own).
         recoverable: Errors that fail one case (listed in the report), not the run.
 
@@ -147,16 +156,19 @@ class SyntheticSetRun:
         generator: GeneratorRef,
         splits_sha256: str | None,
         data: str | Path | None = None,
+        cases: Iterable[Case] = (),
         manifest_name: str = "manifest.jsonl",
         recoverable: tuple[type[Exception], ...] = (SynthlesionError,),
     ) -> None:
         self.out_dir = Path(out_dir)
-        refuse_inside_data_root(self.out_dir, data)
+        refuse_inside_data_root(self.out_dir, data, cases)
         self.generator = generator
         self.recoverable = recoverable
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.guard = RootGuard(self.out_dir)
         self.manifest = self.out_dir / manifest_name
+        # files other manifests in the folder list (another run, other shards): never rewritten
+        self.foreign = synthetic_files_listed_in(self.out_dir, exclude=self.manifest)
         try:
             self.writer = ManifestWriter(
                 self.manifest, self.out_dir, generator=generator, splits_sha256=splits_sha256
@@ -179,8 +191,21 @@ class SyntheticSetRun:
         images = [f"imagesTr/{case_id}_{c:04d}.nii.gz" for c in range(channels)]
         mask = f"labelsTr/{case_id}.nii.gz"
         for rel in (*images, mask):
-            (self.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            self.guard.resolve(rel, where, case_id=case_id)
+            try:
+                (self.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # e.g. a dangling symbolic link in its place
+                raise UnsafePath(
+                    f"{where}: cannot make {(self.out_dir / rel).parent} ({exc.strerror}); the "
+                    "output folder's imagesTr/labelsTr must be plain folders inside it",
+                    case_id=case_id,
+                ) from None
+            real = self.guard.resolve(rel, where, case_id=case_id)
+            if Path(real) in self.foreign:
+                raise UnsafePath(
+                    f"{where}: {rel} belongs to another manifest in {self.out_dir} (another "
+                    "run or shard layout); write this run into a new folder",
+                    case_id=case_id,
+                )
         return images, mask
 
     def run(
@@ -204,7 +229,7 @@ class SyntheticSetRun:
                         report.written.append(case_id)
                         if not passed:
                             report.rejected_by_quality.append(case_id)
-                    except self.recoverable as exc:
+                    except (*self.recoverable, UnsafePath) as exc:
                         logger.info("%s: %s", case_id, exc)
                         report.failed.append(
                             {"case_id": case_id, "source": source.case_id, "problem": str(exc)}
@@ -228,6 +253,8 @@ class SyntheticSetRun:
         for volume, rel in zip(made.images, images, strict=True):
             save_image(mark_volume(volume, facts), self.out_dir / rel)
         save_image(mark_volume(made.mask, facts), self.out_dir / mask)
+        # the gate's verdict is the generator's flag, recorded where the builder reads it
+        quality = {**dict(made.quality), "passed": bool(made.passed)}
         self.writer.append_case(
             case_id=case_id,
             source=source,
@@ -237,7 +264,7 @@ class SyntheticSetRun:
             scheduler=made.scheduler,
             steps=made.steps,
             seed=seed,
-            quality=dict(made.quality),
+            quality=quality,
             source_split="train",
             mask_source_sha256=made.mask_source_sha256,
             mask_source_case=made.mask_source_case,
