@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from synthlesion import __version__
 from synthlesion.config import (
     add_override_argument,
+    bounded_count_arg,
     count_arg,
     length_arg,
     parse_assignment,
@@ -95,7 +96,12 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         metavar=("TRAIN", "VAL", "TEST"),
         help="shares of patients per side",
     )
-    p.add_argument("--folds", type=count_arg, default=None, help="k folds (plus the test share)")
+    p.add_argument(
+        "--folds",
+        type=bounded_count_arg(2, 100),
+        default=None,
+        help="k folds (plus the test share)",
+    )
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument(
         "--patient-pattern",
@@ -155,13 +161,13 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="3D volumes or 2D slices")
     p.add_argument(
         "--patients",
-        type=count_arg,
+        type=bounded_count_arg(1, 10_000),
         default=None,
         help="number of patients (default 8 in 3D, 100 in 2D)",
     )
     p.add_argument(
         "--size",
-        type=count_arg,
+        type=bounded_count_arg(8, 1024),
         default=None,
         help="in-plane voxels (default 96 in 3D, 128 in 2D; 64 for brain-mri-multi)",
     )
@@ -392,14 +398,21 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="real cases: dataset.json, manifest or folder")
     p.add_argument("--splits", required=True, help="locked splits file of --data")
     p.add_argument("--out", required=True, help="synthetic set folder (manifest.jsonl inside)")
-    p.add_argument("--per-case", type=count_arg, default=1, help="synthetic cases per source scan")
-    p.add_argument("--lesions-per-case", type=count_arg, default=1)
+    p.add_argument(
+        "--per-case",
+        type=bounded_count_arg(1, 1000),
+        default=1,
+        help="synthetic cases per source scan",
+    )
+    p.add_argument("--lesions-per-case", type=bounded_count_arg(1, 100), default=1)
     p.add_argument(
         "--scheduler", choices=["dpmsolver++", "ddim", "unipc", "ddpm"], default="dpmsolver++"
     )
-    p.add_argument("--steps", type=count_arg, default=20)
+    p.add_argument("--steps", type=bounded_count_arg(1, 10_000), default=20)
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--batch-size", type=count_arg, default=8, help="regions per network call")
+    p.add_argument(
+        "--batch-size", type=bounded_count_arg(1, 4096), default=8, help="regions per network call"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--mask-source", choices=["bank", "procedural", "user"], default="bank")
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
@@ -535,7 +548,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="evaluation YAML (see configs/evaluate_*.yaml)")
     add_override_argument(p, "segmenter.steps=100")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
-    p.add_argument("--threads", type=count_arg, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=bounded_count_arg(1, 1024), default=None, help="torch CPU threads"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -584,7 +599,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="a new or empty folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="smoke-sized run (a minute or two)")
-    p.add_argument("--threads", type=count_arg, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=bounded_count_arg(1, 1024), default=None, help="torch CPU threads"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_demo)
