@@ -43,6 +43,7 @@ def make_world(tmp: Path, n_rows: int) -> dict[str, Any]:
     from synthlesion.data.phantom import make_phantom_dataset
     from synthlesion.data.sources import load_cases
     from synthlesion.data.splits import save_splits, split_patients
+    from synthlesion.data.synthetic_mark import mark_volume
     from synthlesion.data.volume import Volume
     from synthlesion.provenance import GeneratorRef, ManifestWriter, hash_patient_id
     from synthlesion.storage import sha256_file
@@ -66,11 +67,18 @@ def make_world(tmp: Path, n_rows: int) -> dict[str, Any]:
     image = load_image(source.image)
     painted = image.array.copy()
     painted[10:14, 10:14] += 300
-    save_image(Volume(painted, image.affine, image.header), root / "images" / "syn_0000.nii.gz")
+    mark = {"case": "syn", "run": "bench"}  # as every synthetic file synthlesion writes
+    save_image(
+        mark_volume(Volume(painted, image.affine, image.header), mark),
+        root / "images" / "syn_0000.nii.gz",
+    )
     mask = load_image(source.mask)
     lesion = mask.array.copy()
     lesion[10:14, 10:14] = 2
-    save_image(Volume(lesion, mask.affine, mask.header), root / "images" / "syn_mask.nii.gz")
+    save_image(
+        mark_volume(Volume(lesion, mask.affine, mask.header), mark),
+        root / "images" / "syn_mask.nii.gz",
+    )
     generator = GeneratorRef.from_folder(model, record_as="../model")
     facts = [(c.case_id, c.patient_id, (sha256_file(c.image),), sha256_file(c.mask)) for c in train]
     manifest = root / "manifest.jsonl"

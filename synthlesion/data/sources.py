@@ -178,7 +178,7 @@ def load_decathlon(
                 modality=modalities[0] if modalities else "unknown",
                 modalities=_entry_modalities(modalities, image_paths),
                 labels=labels,
-                origin="synthetic" if entry.get("origin") == "synthetic" else "real",
+                origin=_origin(entry.get("origin"), where),
                 provenance={"source": str(path), "entry": index},
                 has_lesion=entry.get("has_lesion"),
             )
@@ -332,9 +332,7 @@ def load_manifest(
         patient = str(row.get("patient_id") or "").strip() or _patient(
             case_id, patient_pattern, where
         )
-        origin = str(row.get("origin") or "real").strip()
-        if origin not in ("real", "synthetic"):
-            raise CaseSourceError(f"{where} (case {case_id}): origin must be real or synthetic")
+        origin = _origin(row.get("origin") or None, f"{where} (case {case_id})")
         extra = {
             k: v
             for k, v in row.items()
@@ -391,6 +389,14 @@ def _read_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 f"{path} line {number}: {found} field(s) where the header names {width}"
             )
         yield number, dict(row)
+
+
+def _origin(value: Any, where: str) -> str:
+    """``real`` (the default) or ``synthetic``, in any letter case; anything else is refused."""
+    origin = str(value if value is not None else "real").strip().lower()
+    if origin not in ("real", "synthetic"):
+        raise CaseSourceError(f"{where}: origin must be 'real' or 'synthetic', got {value!r}")
+    return origin
 
 
 def _parse_bool(value: Any) -> bool | None:

@@ -44,6 +44,7 @@ from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits
+from synthlesion.data.synthetic_mark import read_mark
 from synthlesion.dataset.card import render_card
 from synthlesion.dataset.errors import DatasetError
 from synthlesion.dataset.export import (
@@ -719,6 +720,7 @@ class _EvaluationContent:
     def __init__(self, real: dict[str, RealCaseFacts]) -> None:
         self.by_size: dict[int, list[tuple[str, str]]] = {}
         self._voxels: dict[str, str] = {}
+        self.cleared: set[str] = set()  # synthetic files already found not to be evaluation scans
         for fact in real.values():
             if fact.side not in EVAL_SIDES:
                 continue
@@ -763,10 +765,19 @@ def _not_an_evaluation_scan(
     row: Any, paths: list[str], evaluation: _EvaluationContent, sink: ViolationSink
 ) -> bool:
     """False (and a violation) when a synthetic row's file holds a real val/test scan's voxels
-    (a byte copy or a re-encoded one)."""
+    (a byte copy or a re-encoded one). A file that carries the synthetic mark is what the
+    generator wrote (only its header is read); an unmarked one is decoded and compared with the
+    evaluation scans of its size."""
     for path in paths:
         sink.checked("synthetic-in-evaluation")
+        if path in evaluation.cleared:
+            continue
+        if read_mark(path) is not None:
+            evaluation.cleared.add(path)
+            continue
         case = evaluation.match(path)
+        if case is None:
+            evaluation.cleared.add(path)
         if case is not None:
             sink(
                 EvaluationPatientLeak(
