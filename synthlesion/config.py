@@ -287,3 +287,14 @@ def _number(text: str, kind: type) -> Any:
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
+
+
+def check_counts(**counts: int | None) -> list[str]:
+    """Problems of options that count something (each must be a whole number >= 1; ``None``
+    means unset): the same rule as :func:`count_arg`, for options given through the API."""
+    return [
+        f"{name} must be a whole number >= 1, got {value!r}"
+        for name, value in counts.items()
+        if value is not None
+        and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    ]

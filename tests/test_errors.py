@@ -338,3 +338,23 @@ def test_every_runtime_import_is_a_declared_dependency():
                     continue
                 dist = DISTRIBUTION.get(top, top).lower()
                 assert dist in declared, f"{path.relative_to(ROOT)} imports {top}, not declared"
+
+
+def test_api_options_are_validated_like_the_command_line():
+    from synthlesion.errors import ConfigError
+    from synthlesion.pipelines.handcrafted import HandcraftedConfig
+    from synthlesion.pipelines.sampling import SampleOptions
+
+    for bad in (
+        {"steps": 0},
+        {"limit": -1},
+        {"per_case": -2},
+        {"batch_size": 0},
+        {"seed": -1},
+        {"dilation_mm": float("nan")},
+        {"lesion_volume_mm3": (5.0, 1.0)},
+    ):
+        with pytest.raises(ConfigError, match="sample options"):
+            SampleOptions(**bad)  # fmt: skip
+    with pytest.raises(ConfigError, match="hand-crafted options"):
+        HandcraftedConfig(lesions_per_case=0)

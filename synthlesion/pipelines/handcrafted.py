@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,11 +29,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from synthlesion.config import check_counts
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_channels, load_image, load_mask_for
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
-from synthlesion.errors import GeometryError, ImageReadError
+from synthlesion.errors import ConfigError, GeometryError, ImageReadError
 from synthlesion.masks import (
     PlacementConstraint,
     PlacementError,
@@ -87,6 +89,19 @@ class HandcraftedConfig:
     texture_sigma_mm: float = 3.0
     min_border_distance_mm: float = 2.0
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = check_counts(
+            per_case=self.per_case, lesions_per_case=self.lesions_per_case, limit=self.limit
+        )
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        for name in ("edge_mm", "texture_sigma_mm", "min_border_distance_mm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {value}")
+        if problems:
+            raise ConfigError("hand-crafted options: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ lesion labels differ from the model's is refused before anything is written.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,12 +29,13 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from synthlesion.config import check_counts
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_channels, load_mask_for
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.data.volume import Volume
-from synthlesion.errors import GeometryError, ImageReadError
+from synthlesion.errors import ConfigError, GeometryError, ImageReadError
 from synthlesion.masks import (
     MaskBank,
     PlacementConstraint,
@@ -118,6 +120,30 @@ class SampleOptions:
     feather_mm: float = 1.5
     lesion_volume_mm3: tuple[float, float] = (50.0, 2000.0)
     attributes: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        problems = check_counts(
+            per_case=self.per_case, lesions_per_case=self.lesions_per_case, steps=self.steps,
+            batch_size=self.batch_size, limit=self.limit,
+        )  # fmt: skip
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        for name in (
+            "min_border_distance_mm",
+            "min_lesion_distance_mm",
+            "dilation_mm",
+            "feather_mm",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {value}")
+        low, high = self.lesion_volume_mm3
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            problems.append(
+                f"lesion_volume_mm3 must be 0 < low <= high, got {self.lesion_volume_mm3}"
+            )
+        if problems:
+            raise ConfigError("sample options: " + "; ".join(problems))
 
 
 def run_sampling(
