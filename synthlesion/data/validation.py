@@ -144,7 +144,10 @@ def check_cases(
             problem = safe_id_problem(value)
             if problem is not None:
                 problems.append(Problem(str(case.case_id), "-", "unsafe_id", f"{what} {problem}"))
+    duplicated = {i for ids in duplicate_case_ids(cases) for i in ids}
     for ids in patient_ids_differing_in_case(cases):
+        if set(ids) <= duplicated:  # patient ids taken from case ids already reported
+            continue
         problems.append(
             Problem(
                 ids[0],
