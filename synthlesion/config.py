@@ -206,66 +206,38 @@ def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
 # --- command-line value types (argparse ``type=``): a bad value is a usage error (exit 2) ---
 
 
-def count_arg(text: str) -> int:
-    """An integer >= 1 (counts, steps, batch sizes, limits)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+def _ranged(kind: type, accept: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` (finite) that ``accept`` takes, else a usage
+    error saying ``rule``."""
 
-
-def bounded_count_arg(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number in ``[low, high]`` (sizes and counts whose cost grows
-    with them: a typo of 10**9 would otherwise run out of memory instead of failing)."""
-
-    def parse(text: str) -> int:
-        value = _number(text, int)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text!r}")
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 
-    parse.__name__ = f"count in [{low}, {high}]"
+    parse.__name__ = rule
     return parse
 
 
-def seed_arg(text: str) -> int:
-    """An integer >= 0 (seeds, indices)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+count_arg = _ranged(int, lambda v: v >= 1, "a whole number >= 1")
+"""Counts, steps, batch sizes, limits."""
+seed_arg = _ranged(int, lambda v: v >= 0, "a whole number >= 0")
+"""Seeds and label values."""
+share_arg = _ranged(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+"""Shares and fractions."""
+weight_arg = _ranged(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+"""Relative weights."""
+length_arg = _ranged(float, lambda v: v >= 0.0, "a number >= 0")
+"""Distances in mm, tolerances."""
+positive_arg = _ranged(float, lambda v: v > 0.0, "a number > 0")
+"""Volumes in mm^3."""
 
 
-def share_arg(text: str) -> float:
-    """A finite number in [0, 1] (shares, fractions)."""
-    value = _number(text, float)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
-    return value
-
-
-def weight_arg(text: str) -> float:
-    """A finite number in (0, 1] (relative weights)."""
-    value = _number(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
-    return value
-
-
-def length_arg(text: str) -> float:
-    """A finite number >= 0 (distances in mm, tolerances)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def positive_arg(text: str) -> float:
-    """A finite number > 0 (volumes in mm^3)."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+def bounded_count_arg(low: int, high: int) -> Callable[[str], int]:
+    """A whole number in ``[low, high]``, for sizes and counts whose cost grows with them (a
+    typo of 10**9 fails as a usage error instead of filling memory)."""
+    return _ranged(int, lambda v: low <= v <= high, f"a whole number in [{low}, {high}]")
 
 
 def regex_arg(text: str) -> str:
