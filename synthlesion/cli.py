@@ -301,9 +301,11 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_arg, default=None, help="seed of the fixed-ratio draw")
     p.add_argument(
         "--link",
-        choices=["symlink", "hardlink", "copy", "none"],
+        choices=["auto", "hardlink", "copy", "symlink", "none"],
         default=None,
-        help="how imagesTr/labelsTr point at the files ('none': dataset.json lists them in place)",
+        help="how the build holds the files: auto (default: hard links, copies across file "
+        "systems) or hardlink/copy keep it portable; symlink and none (dataset.json lists them "
+        "in place) only work where the build was made",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build")
     p.add_argument(
