@@ -41,10 +41,8 @@ import numpy as np
 from synthlesion import __version__
 from synthlesion.config import config_to_dict, save_config
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import Splits
-from synthlesion.data.synthetic_mark import read_mark
 from synthlesion.dataset.card import render_card
 from synthlesion.dataset.errors import DatasetError
 from synthlesion.dataset.export import (
@@ -70,6 +68,7 @@ from synthlesion.dataset.export import (
 )
 from synthlesion.dataset.guards import (
     EVAL_SIDES,
+    EvaluationContent,
     GeneratorChecker,
     GuardReport,
     RealCaseFacts,
@@ -80,10 +79,11 @@ from synthlesion.dataset.guards import (
     check_real_against_registry,
     index_real_cases,
     load_splits_checked,
+    not_an_evaluation_scan,
 )
 from synthlesion.errors import ConfigError
-from synthlesion.provenance.errors import EvaluationPatientLeak, GuardViolation, SplitMismatch
-from synthlesion.provenance.identity import utc_now, voxel_sha256
+from synthlesion.provenance.errors import GuardViolation, SplitMismatch
+from synthlesion.provenance.identity import utc_now
 from synthlesion.provenance.manifest import read_manifest
 from synthlesion.provenance.registry import RegistryBuilder, SyntheticRegistry
 from synthlesion.storage import sha256_file
@@ -298,7 +298,7 @@ class DatasetBuilder:
                     str(case.mask) if case.mask is not None else None,
                 )
         eligible, without_voxels, rejected, manifests = 0, 0, 0, []
-        evaluation_files = _evaluation_files(real) if not self.config.verify_files else None
+        evaluation_files = EvaluationContent(real) if not self.config.verify_files else None
         with (
             open(work / "ids.txt", "w", encoding="utf-8") as ids,
             open(work / "synthetic.jsonl", "w", encoding="utf-8") as fragment,
@@ -340,7 +340,7 @@ class DatasetBuilder:
                         continue
                     images, mask = reader.last_paths
                     if evaluation_files is not None:
-                        ok = _not_an_evaluation_scan(row, [*images, mask], evaluation_files, sink)
+                        ok = not_an_evaluation_scan(row, [*images, mask], evaluation_files, sink)
                         if not ok:
                             continue
                     passed = row.quality.get("passed", True) is True  # "false", 0, null: failed
@@ -710,85 +710,6 @@ def _notes(scan: _Scan, n_syn: int, config: BuildConfig) -> list[str]:
         "mix synthetic cases into validation); report results on val.json/test.json"
     )
     return notes
-
-
-class _EvaluationContent:
-    """The real val/test files by their decoded size (a gzip file's ISIZE trailer), with their
-    voxel hashes made on first need: the content check of synthetic files that are not
-    re-hashed (``verify_files`` off) decodes only files as large as an evaluation scan."""
-
-    def __init__(self, real: dict[str, RealCaseFacts]) -> None:
-        self.by_size: dict[int, list[tuple[str, str]]] = {}
-        self._voxels: dict[str, str] = {}
-        self.cleared: set[str] = set()  # synthetic files already found not to be evaluation scans
-        for fact in real.values():
-            if fact.side not in EVAL_SIDES:
-                continue
-            files = list(fact.case.images) + ([fact.case.mask] if fact.case.mask else [])
-            for path in files:
-                self.by_size.setdefault(_decoded_size(path), []).append(
-                    (str(path), fact.case.case_id)
-                )
-
-    def __bool__(self) -> bool:
-        return bool(self.by_size)
-
-    def match(self, path: str) -> str | None:
-        """The evaluation case whose file has the voxels of ``path``, if any."""
-        candidates = self.by_size.get(_decoded_size(path))
-        if not candidates:
-            return None
-        digest = voxel_sha256(load_image(path).array)
-        for real, case in candidates:
-            if real not in self._voxels:
-                self._voxels[real] = voxel_sha256(load_image(real).array)
-            if self._voxels[real] == digest:
-                return case
-        return None
-
-
-def _decoded_size(path: str | Path) -> int:
-    """Bytes of the decoded file: a gzip's ISIZE trailer (size mod 2^32), else the file size."""
-    path = Path(path)
-    if path.name.lower().endswith(".gz"):
-        with open(path, "rb") as handle:
-            handle.seek(-4, os.SEEK_END)
-            return int.from_bytes(handle.read(4), "little")
-    return path.stat().st_size
-
-
-def _evaluation_files(real: dict[str, RealCaseFacts]) -> _EvaluationContent:
-    return _EvaluationContent(real)
-
-
-def _not_an_evaluation_scan(
-    row: Any, paths: list[str], evaluation: _EvaluationContent, sink: ViolationSink
-) -> bool:
-    """False (and a violation) when a synthetic row's file holds a real val/test scan's voxels
-    (a byte copy or a re-encoded one). A file that carries the synthetic mark is what the
-    generator wrote (only its header is read); an unmarked one is decoded and compared with the
-    evaluation scans of its size."""
-    for path in paths:
-        sink.checked("synthetic-in-evaluation")
-        if path in evaluation.cleared:
-            continue
-        if read_mark(path) is not None:
-            evaluation.cleared.add(path)
-            continue
-        case = evaluation.match(path)
-        if case is None:
-            evaluation.cleared.add(path)
-        if case is not None:
-            sink(
-                EvaluationPatientLeak(
-                    f"synthetic case {row.case_id}: {path} is the real evaluation scan of case "
-                    f"{case}; refused for training",
-                    case_id=row.case_id,
-                    path=path,
-                )
-            )
-            return False
-    return True
 
 
 def _generator_dict(facts: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from synthlesion.data.cases import Case
+from synthlesion.data.io import load_image
 from synthlesion.data.sources import duplicate_case_ids
 from synthlesion.data.splits import Splits, load_splits
+from synthlesion.data.synthetic_mark import read_mark
 from synthlesion.provenance.errors import (
     DuplicateCase,
     EvaluationPatientLeak,
@@ -36,7 +39,7 @@ from synthlesion.provenance.errors import (
     SyntheticAsReal,
     SyntheticInEvaluation,
 )
-from synthlesion.provenance.identity import GeneratorRef
+from synthlesion.provenance.identity import GeneratorRef, voxel_sha256
 from synthlesion.provenance.manifest import ManifestRow
 from synthlesion.provenance.record import verify_generator
 from synthlesion.provenance.registry import SyntheticRegistry
@@ -487,6 +490,81 @@ def check_real_against_registry(
                     )
                 )
                 break
+
+
+class EvaluationContent:
+    """The real val/test files by their decoded size (a gzip file's ISIZE trailer), with their
+    voxel hashes made on first need: the content check of synthetic files that are not
+    re-hashed (``verify_files`` off) decodes only files as large as an evaluation scan."""
+
+    def __init__(self, real: dict[str, RealCaseFacts]) -> None:
+        self.by_size: dict[int, list[tuple[str, str]]] = {}
+        self._voxels: dict[str, str] = {}
+        self.cleared: set[str] = set()  # synthetic files already found not to be evaluation scans
+        for fact in real.values():
+            if fact.side not in EVAL_SIDES:
+                continue
+            files = list(fact.case.images) + ([fact.case.mask] if fact.case.mask else [])
+            for path in files:
+                self.by_size.setdefault(_decoded_size(path), []).append(
+                    (str(path), fact.case.case_id)
+                )
+
+    def __bool__(self) -> bool:
+        return bool(self.by_size)
+
+    def match(self, path: str) -> str | None:
+        """The evaluation case whose file has the voxels of ``path``, if any."""
+        candidates = self.by_size.get(_decoded_size(path))
+        if not candidates:
+            return None
+        digest = voxel_sha256(load_image(path).array)
+        for real, case in candidates:
+            if real not in self._voxels:
+                self._voxels[real] = voxel_sha256(load_image(real).array)
+            if self._voxels[real] == digest:
+                return case
+        return None
+
+
+def _decoded_size(path: str | Path) -> int:
+    """Bytes of the decoded file: a gzip's ISIZE trailer (size mod 2^32), else the file size."""
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            return int.from_bytes(handle.read(4), "little")
+    return path.stat().st_size
+
+
+def not_an_evaluation_scan(
+    row: Any, paths: list[str], evaluation: EvaluationContent, sink: ViolationSink
+) -> bool:
+    """False (and a violation) when a synthetic row's file holds a real val/test scan's voxels
+    (a byte copy or a re-encoded one). A file that carries the synthetic mark is what the
+    generator wrote (only its header is read); an unmarked one is decoded and compared with the
+    evaluation scans of its size."""
+    for path in paths:
+        sink.checked("synthetic-in-evaluation")
+        if path in evaluation.cleared:
+            continue
+        if read_mark(path) is not None:
+            evaluation.cleared.add(path)
+            continue
+        case = evaluation.match(path)
+        if case is None:
+            evaluation.cleared.add(path)
+        if case is not None:
+            sink(
+                EvaluationPatientLeak(
+                    f"synthetic case {row.case_id}: {path} is the real evaluation scan of case "
+                    f"{case}; refused for training",
+                    case_id=row.case_id,
+                    path=path,
+                )
+            )
+            return False
+    return True
 
 
 @dataclass
