@@ -117,7 +117,9 @@ def _gunzip_capped(path: Path, data: bytes) -> bytes:
             out += piece
             chunk = stream.unconsumed_tail
             if cap is None and len(out) >= 348:
-                cap = _declared_size(path, bytes(out[:540])) + GZIP_HEADER_SLACK
+                header_class = _image_class(path, bytes(out[:4])).header_class
+                if len(out) >= header_class.template_dtype.itemsize:  # the whole header is in
+                    cap = _declared_size(path, bytes(out[:540])) + GZIP_HEADER_SLACK
             if cap is not None and len(out) > cap:
                 raise ImageReadError(
                     path,
@@ -140,30 +142,23 @@ def _gunzip_capped(path: Path, data: bytes) -> bytes:
 
 
 def _declared_size(path: Path, head: bytes) -> int:
-    """Bytes a NIfTI file holds by its header: ``vox_offset`` + voxel data (NIfTI-1 or -2)."""
-    little = int.from_bytes(head[:4], "little")
-    big = int.from_bytes(head[:4], "big")
-    order = "<" if 348 in (little,) or 540 in (little,) else ">"
-    size = little if order == "<" else big
-    if size == 540:
-        if len(head) < 540:
-            return 540
-        dims = np.frombuffer(head, dtype=order + "i8", count=8, offset=16)
-        bitpix = int(np.frombuffer(head, dtype=order + "i2", count=1, offset=14)[0])
-        offset = int(np.frombuffer(head, dtype=order + "i8", count=1, offset=168)[0])
-    elif size == 348:
-        dims = np.frombuffer(head, dtype=order + "i2", count=8, offset=40)
-        bitpix = int(np.frombuffer(head, dtype=order + "i2", count=1, offset=72)[0])
-        offset = int(np.frombuffer(head, dtype=order + "f4", count=1, offset=108)[0])
-    else:
-        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file", "header")
-    ndim = int(dims[0])
-    if not 0 < ndim <= 7 or bitpix <= 0 or any(int(d) < 0 for d in dims[1 : ndim + 1]):
-        raise ImageReadError(path, "unreadable header: bad dimensions or data type", "header")
-    voxels = 1
-    for d in dims[1 : ndim + 1]:
-        voxels *= max(int(d), 1)
-    return max(int(offset), size) + voxels * ((bitpix + 7) // 8)
+    """Bytes a NIfTI file holds by its header (NIfTI-1 or -2), read from its first bytes."""
+    klass = _image_class(path, head).header_class
+    block = head[: klass.template_dtype.itemsize]
+    try:
+        header = klass(block, endianness=klass.guessed_endian(block), check=False)
+        return declared_bytes(header)
+    except Exception as exc:  # nibabel raises several unrelated types here
+        raise ImageReadError(path, f"unreadable NIfTI header ({exc})", "header") from None
+
+
+def declared_bytes(header: nib.Nifti1Header) -> int:
+    """``vox_offset`` + the voxel data the header describes: the size of the whole file."""
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if any(n < 0 for n in shape):
+        raise ValueError(f"negative dimension in {shape}")
+    offset = max(int(header["vox_offset"]), int(header["sizeof_hdr"]))
+    return offset + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
 
 
 def load_nifti(
@@ -185,7 +180,7 @@ def load_nifti(
     header = image.header
     shape = tuple(int(s) for s in header.get_data_shape())
     dtype = header.get_data_dtype()
-    needed = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    needed = declared_bytes(header)
     if len(raw) < needed:
         raise ImageReadError(
             path,
@@ -356,20 +351,22 @@ def qform_sform_difference_mm(header: nib.Nifti1Header, shape: tuple[int, ...]) 
     return corner_distance_mm(qform, sform, shape)
 
 
+def _image_class(path: Path, head: bytes) -> type[nib.Nifti1Image]:
+    """NIfTI-1 or NIfTI-2, by the header size its first four bytes give (either byte order)."""
+    sizes = (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+    if 540 in sizes:
+        return nib.Nifti2Image
+    if 348 in sizes:
+        return nib.Nifti1Image
+    raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file", "header")
+
+
 def _parse_nifti(path: Path, raw: bytes) -> nib.Nifti1Image:
     if len(raw) < 348:
         raise ImageReadError(
             path, f"file too short for a NIfTI header ({len(raw)} bytes)", "truncated"
         )
-    sizeof_hdr_le = int.from_bytes(raw[:4], "little")
-    sizeof_hdr_be = int.from_bytes(raw[:4], "big")
-    klass: type[nib.Nifti1Image]
-    if 540 in (sizeof_hdr_le, sizeof_hdr_be):
-        klass = nib.Nifti2Image
-    elif 348 in (sizeof_hdr_le, sizeof_hdr_be):
-        klass = nib.Nifti1Image
-    else:
-        raise ImageReadError(path, "unreadable header: not a NIfTI-1 or NIfTI-2 file", "header")
+    klass = _image_class(path, raw)
     try:
         return klass.from_bytes(raw)
     except Exception as exc:  # nibabel raises several unrelated types here

@@ -11,10 +11,9 @@ import os
 import re
 from pathlib import Path
 
-from synthlesion.data.cases import SAFE_ID_PATTERN, safe_id_problem
+from synthlesion.data.cases import safe_id_problem
 from synthlesion.provenance.errors import UnsafePath
 
-CASE_ID_PATTERN = SAFE_ID_PATTERN  # one rule for ids, from the data floor
 _DRIVE = re.compile(r"[A-Za-z]:")  # C:, C:/x or C:x (a Windows drive)
 
 
@@ -100,4 +99,4 @@ class RootGuard:
         return candidate
 
 
-__all__ = ["CASE_ID_PATTERN", "RootGuard", "check_case_id"]
+__all__ = ["RootGuard", "check_case_id"]
