@@ -146,7 +146,8 @@ def _declared_size(path: Path, head: bytes) -> int:
     klass = _image_class(path, head).header_class
     block = head[: klass.template_dtype.itemsize]
     try:
-        header = klass(block, endianness=klass.guessed_endian(block), check=False)
+        little = int.from_bytes(block[:4], "little") == klass.template_dtype.itemsize
+        header = klass(block, endianness="<" if little else ">", check=False)
         return declared_bytes(header)
     except Exception as exc:  # nibabel raises several unrelated types here
         raise ImageReadError(path, f"unreadable NIfTI header ({exc})", "header") from None
