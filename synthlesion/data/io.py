@@ -18,6 +18,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from synthlesion.data.cases import Case
 from synthlesion.data.volume import Volume, align_to_grid, corner_distance_mm, header_with_affine
 from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.storage import atomic_write_bytes
@@ -206,6 +207,40 @@ def load_nifti(
     if channels_last and array.ndim == 4:
         return volume
     return _check_dims(volume, spatial_dims)
+
+
+def load_case_volumes(
+    case: Case, *, spatial_dims: int | None = None, tolerance_mm: float = 1e-3
+) -> tuple[list[Volume], Volume | None]:
+    """A case's image channels (on the first channel's grid) and its mask read onto that grid.
+
+    The one reading of a source case for training and for the generators: every channel
+    (:func:`load_channels`), no NaN/Inf voxel, the mask aligned exactly (:func:`load_mask_for`).
+
+    Raises:
+        ImageReadError: unreadable files or NaN/Inf voxels (naming the file and the case).
+        GeometryError: channels or mask on another grid (naming the case).
+    """
+    try:
+        channels = load_channels(case.images, spatial_dims=spatial_dims)
+    except GeometryError as exc:
+        raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
+    for volume in channels:
+        if volume.array.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+            if bad:
+                raise ImageReadError(
+                    volume.source or case.image,
+                    f"case {case.case_id}: {bad} NaN/Inf voxel(s)",
+                    "nonfinite",
+                )
+    if case.mask is None:
+        return channels, None
+    try:
+        mask = load_mask_for(channels[0], case.mask, tolerance_mm)
+    except GeometryError as exc:
+        raise GeometryError(f"case {case.case_id}: {exc}") from None
+    return channels, mask
 
 
 def image_grid(path: str | Path) -> Volume:

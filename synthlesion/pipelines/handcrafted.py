@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from synthlesion.config import check_counts
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_channels, load_image, load_mask_for
+from synthlesion.data.io import load_case_volumes, load_image
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.errors import ConfigError, GeometryError, ImageReadError
@@ -327,12 +327,8 @@ class HandcraftedCaseGenerator:
     def make_case(self, case_id: str, source: Case, seed: int) -> GeneratedCase:
         fit, options = self.fit, self.options
         rng = np.random.default_rng(seed)
-        channels = load_channels(source.images)
-        for volume in channels:
-            if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-                raise SynthesisError(f"{volume.source} (case {source.case_id}): NaN/Inf voxels")
+        channels, labels = load_case_volumes(source)
         image = channels[0]
-        labels = load_mask_for(image, source.mask)  # type: ignore[arg-type]
         spacing = image.spacing
         region = placement_region(  # organ labels, else the scan's foreground: never the air
             labels.array,

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from synthlesion.config import check_counts
 from synthlesion.data.cases import Case
-from synthlesion.data.io import load_channels, load_mask_for
+from synthlesion.data.io import load_case_volumes, load_mask_for
 from synthlesion.data.sources import load_cases
 from synthlesion.data.splits import load_splits
 from synthlesion.data.volume import Volume
@@ -373,18 +373,8 @@ class DiffusionCaseGenerator:
         options, lesion_values = self.options, self.lesion_values
         rng = np.random.default_rng(seed)
         where = f"case {source.case_id}"
-        try:
-            channels = load_channels(source.images)
-        except GeometryError as exc:
-            raise SynthesisError(f"{where}: channels differ: {exc}") from None
+        channels, labels = load_case_volumes(source)
         image = channels[0]
-        for volume in channels:
-            if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-                raise SynthesisError(f"{volume.source} ({where}): NaN/Inf voxels")
-        try:
-            labels = load_mask_for(image, source.mask)
-        except GeometryError as exc:
-            raise SynthesisError(f"{where}: {exc}") from None
         label_array = _integer_labels(labels, where)
         extra = sorted(set(np.unique(label_array).tolist()) - set(source.labels))
         if extra:

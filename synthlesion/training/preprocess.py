@@ -26,9 +26,9 @@ from scipy import ndimage
 
 from synthlesion.data.cases import Case
 from synthlesion.data.intensity import IntensityNormaliser
-from synthlesion.data.io import load_channels, load_mask_for
+from synthlesion.data.io import load_case_volumes, load_mask_for
 from synthlesion.data.volume import Volume
-from synthlesion.errors import GeometryError, ImageReadError, LabelError
+from synthlesion.errors import ImageReadError, LabelError
 from synthlesion.masks.lesions import connected_lesions
 from synthlesion.masks.placement import PlacementError, placement_region
 from synthlesion.storage import atomic_write_bytes, canonical_json_hash
@@ -278,29 +278,13 @@ def prepare_case(case: Case, pre: Preprocessing) -> PreparedCase:
             case.image, f"case {case.case_id} has no mask; training needs one", "no_mask"
         )
     read_dims = 3 if pre.slice_axis is not None else pre.spatial_dims
-    try:  # every channel onto the first channel's grid (exact axis reorders only)
-        channels = load_channels(case.images, spatial_dims=read_dims)
-    except GeometryError as exc:
-        raise GeometryError(f"case {case.case_id}: channels differ: {exc}") from None
+    channels, mask = load_case_volumes(case, spatial_dims=read_dims, tolerance_mm=pre.tolerance_mm)
     if len(channels) != pre.channels:
         raise ImageReadError(
             case.image,
             f"case {case.case_id} has {len(channels)} image channel(s), the run {pre.channels}",
             "channels",
         )
-    for volume in channels:
-        bad = (
-            int(np.count_nonzero(~np.isfinite(volume.array)))
-            if volume.array.dtype.kind == "f"
-            else 0
-        )
-        if bad:
-            raise ImageReadError(
-                volume.source or case.image,
-                f"case {case.case_id}: {bad} NaN/Inf voxel(s)",
-                "nonfinite",
-            )
-    mask = load_mask_for(channels[0], case.mask, pre.tolerance_mm)
     label_set = sorted(case.labels)
     mask = as_label_map(mask, label_set)
     region = None
