@@ -40,27 +40,35 @@ def load_config(
     Raises:
         ConfigError: unknown key, wrong type, missing required field, unreadable file.
     """
-    where = "<mapping>"
-    if source is None:
-        data: dict[str, Any] = {}
-    elif isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        where = str(source)
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read config ({exc})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: invalid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping")
+    where = "<mapping>" if source is None or isinstance(source, Mapping) else str(source)
+    data = read_mapping(source)
     for item in overrides:
         key, value = parse_assignment(item, "override", "key.sub=value")
         _set_dotted(data, key.split("."), value)
     return _build(cls, data, where, prefix="")
+
+
+def read_mapping(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A config's mapping: ``{}`` for ``None``, a copy of a mapping, or a YAML file's top level.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, or a top level that is not a mapping.
+    """
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return dict(source)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config ({exc})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return data
 
 
 def parse_assignment(item: str, what: str, form: str = "KEY=VALUE") -> tuple[str, Any]:

@@ -4,14 +4,16 @@
 A YAML file mirrors :class:`EvaluateConfig`::
 
     out_dir: runs/eval
-    data: runs/demo/phantom/dataset.json     # real cases
-    splits: runs/demo/splits.json            # their locked splits
-    diffusion_manifests: [runs/demo/synthetic/manifest.jsonl]
+    data: data/liver/dataset.json            # real cases
+    splits: [data/liver/splits-0.json, data/liver/splits-1.json]   # locked patient splits
+    budgets: [4, 16]                         # labelled lesion scans of the train side
+    diffusion: {train_config: configs/train_phantom2d_cpu.yaml}   # trained per split x budget
     arms:
       - {name: real, kind: real}
-      - {name: diffusion-50, kind: diffusion, share: 0.5}
-    seeds: [0, 1, 2]
-    segmenter: {network: unet, steps: 300}
+      - {name: copy-paste, kind: copy_paste, share: 0.5}
+      - {name: diffusion, kind: diffusion, share: 0.5}
+    seeds: [0, 1]
+    segmenter: {network: unet, steps: 600, foreground_share: 0.33}
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from synthlesion.config import load_config
+from synthlesion.config import load_config, read_mapping
+from synthlesion.errors import ConfigError
 from synthlesion.evaluation.errors import EvaluationConfigError
 from synthlesion.pipelines.handcrafted import HandcraftedConfig
 
-ArmKind = Literal["real", "classical", "copy_paste", "handcrafted", "diffusion"]
-ARM_KINDS: tuple[str, ...] = ("real", "classical", "copy_paste", "handcrafted", "diffusion")
+ArmKind = Literal["real", "copy_paste", "handcrafted", "diffusion"]
+ARM_KINDS: tuple[str, ...] = ("real", "copy_paste", "handcrafted", "diffusion")
 SYNTHETIC_KINDS = ("handcrafted", "diffusion")
+SHARED_KINDS = ("copy_paste", *SYNTHETIC_KINDS)  # kinds whose share of the positives is new
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,14 @@ class ArmConfig:
 
     Attributes:
         name: Label in tables and plots (letters, digits, ``-``, ``_``, ``.``).
-        kind: ``real`` (real training cases only), ``classical`` (+ the augmentation package's
-            spatial and intensity transforms), ``copy_paste`` (+ its label-aware lesion
-            copy-paste), ``handcrafted`` (+ hand-crafted lesion cases) or ``diffusion`` (+ the
-            diffusion model's synthetic cases).
-        share: Synthetic share of the samples drawn per epoch (0..1), for ``handcrafted`` and
-            ``diffusion``; must be 0 for the other kinds.
+        kind: ``real`` (the labelled real cases only), ``copy_paste`` (+ real lesions pasted
+            into lesion-free crops by the augmentation package's label-aware copy-paste),
+            ``handcrafted`` (+ hand-crafted lesion cases) or ``diffusion`` (+ the diffusion
+            model's synthetic cases). Every arm trains with the same augmentation recipe and
+            the same share of lesion-bearing patches (``segmenter.foreground_share``), so arms
+            differ in where their lesions come from only.
+        share: Share of the lesion-bearing patches that come from the arm's new lesions
+            (synthetic cases, or copy-pasted lesions), in (0, 1]; 0 for ``real``.
     """
 
     name: str
@@ -62,26 +68,24 @@ class ArmConfig:
             raise EvaluationConfigError(
                 f"arm {self.name}: synthetic share must lie in [0, 1], got {self.share!r}"
             )
-        if self.kind in SYNTHETIC_KINDS and self.share == 0.0:
+        if self.kind in SHARED_KINDS and self.share == 0.0:
             raise EvaluationConfigError(
-                f"arm {self.name}: a {self.kind} arm needs a synthetic share > 0 (0 is the "
-                "real arm)"
+                f"arm {self.name}: a {self.kind} arm needs a share > 0 of its lesion patches "
+                "(0 is the real arm)"
             )
-        if self.kind not in SYNTHETIC_KINDS and self.share != 0.0:
+        if self.kind == "real" and self.share != 0.0:
             raise EvaluationConfigError(
-                f"arm {self.name}: share applies to handcrafted and diffusion arms only, got "
-                f"share {self.share} for kind {self.kind}"
+                f"arm {self.name}: share applies to copy_paste, handcrafted and diffusion arms, "
+                f"got share {self.share} for kind real"
             )
 
 
 def default_arms() -> tuple[ArmConfig, ...]:
     return (
         ArmConfig("real", "real"),
-        ArmConfig("classical", "classical"),
-        ArmConfig("copy-paste", "copy_paste"),
+        ArmConfig("copy-paste", "copy_paste", 0.5),
         ArmConfig("handcrafted", "handcrafted", 0.5),
-        ArmConfig("diffusion-25", "diffusion", 0.25),
-        ArmConfig("diffusion-50", "diffusion", 0.5),
+        ArmConfig("diffusion", "diffusion", 0.5),
     )
 
 
@@ -99,10 +103,16 @@ class SegmenterConfig:
         batch_size: Samples per step.
         learning_rate: AdamW learning rate (cosine decay to 0).
         weight_decay: AdamW weight decay.
-        patch_size: Random crops of this size (voxels, half of them centred on a lesion when
-            there is one) and sliding-window inference; ``None`` trains on whole images (all of
-            one shape).
-        lesion_centred_fraction: Share of patches centred on a lesion voxel.
+        patch_size: Crops of this size (voxels) and sliding-window inference; ``None``
+            trains on whole images (all of one shape).
+        foreground_share: nnU-Net's foreground oversampling: this share of every batch
+            (rounded, at least one patch) is centred on a voxel of a lesion drawn from a
+            lesion-bearing scan; the other patches hold no lesion voxel (drawn from the real
+            scans, healthy ones included, as negatives). Every arm gets the same share.
+        augment: Apply the augmentation recipe (flip, small affine, elastic, contrast, gamma,
+            noise) to every batch of every arm.
+        validate_every: Steps between validation Dice measurements on the val split (the
+            convergence curve); 0 turns them off.
         lesion_weight: Cross-entropy weight of the lesion class (background 1).
     """
 
@@ -114,7 +124,9 @@ class SegmenterConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     patch_size: tuple[int, ...] | None = None
-    lesion_centred_fraction: float = 0.5
+    foreground_share: float = 0.33
+    augment: bool = True
+    validate_every: int = 100
     lesion_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -126,8 +138,12 @@ class SegmenterConfig:
             raise EvaluationConfigError("segmenter.channels: BasicUNet needs exactly 6 values")
         if self.network == "unet" and len(self.channels) < 2:
             raise EvaluationConfigError("segmenter.channels: UNet needs at least 2 levels")
-        if not 0.0 <= self.lesion_centred_fraction <= 1.0:
-            raise EvaluationConfigError("segmenter.lesion_centred_fraction must lie in [0, 1]")
+        if not 0.0 < self.foreground_share < 1.0:
+            raise EvaluationConfigError(
+                f"segmenter.foreground_share must lie in (0, 1), got {self.foreground_share}"
+            )
+        if self.validate_every < 0:
+            raise EvaluationConfigError("segmenter.validate_every must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -159,20 +175,27 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class FidelityConfig:
-    """Fidelity of the synthetic lesions themselves.
+    """Realism of the synthetic lesions, measured against real ones.
 
     Attributes:
-        crop_size: Side of the lesion crops compared for memorisation (voxels).
+        crop_size: Side of the lesion crops (voxels) fed to the KID encoder, the real-vs-
+            synthetic classifier and the memorisation check.
         memorisation_threshold: A synthetic lesion whose normalised correlation with a real
             training lesion crop reaches this is flagged as a near-copy.
-        max_lesions: Most synthetic lesions measured per generator.
+        max_lesions: Most lesions measured per generator (and per real reference set).
+        repaint_lesions: Most held-out real lesions repainted per generator.
+        classifier_folds: Folds of the real-vs-synthetic classifier.
+        kid_subsets: Random subsets averaged by KID.
         grid_rows: Example rows in the report's image grid per generator.
         grid_crop_size: Side of the crops shown in the image grid (voxels).
     """
 
-    crop_size: int = 16
+    crop_size: int = 24
     memorisation_threshold: float = 0.9
     max_lesions: int = 200
+    repaint_lesions: int = 40
+    classifier_folds: int = 5
+    kid_subsets: int = 100
     grid_rows: int = 4
     grid_crop_size: int = 32
 
@@ -181,6 +204,97 @@ class FidelityConfig:
             raise EvaluationConfigError("fidelity.crop_size and grid_crop_size must be >= 4")
         if not 0.0 < self.memorisation_threshold <= 1.0:
             raise EvaluationConfigError("fidelity.memorisation_threshold must lie in (0, 1]")
+        if self.classifier_folds < 2 or self.repaint_lesions < 1 or self.kid_subsets < 1:
+            raise EvaluationConfigError(
+                "fidelity: classifier_folds >= 2, repaint_lesions >= 1, kid_subsets >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The quality gate every synthetic case of the evaluation passes through (diffusion and
+    hand-crafted alike), on top of the gate recorded in its manifest (finite values,
+    intensity z-scores, seam, minimum contrast).
+
+    Attributes:
+        min_dice: The real-only segmenter (seed 0 of the same split and budget) must find each
+            painted lesion inside its mask with at least this Dice (FreeTumor-style filtering).
+        apply: Leave cases that fail out of training (they are counted either way).
+    """
+
+    min_dice: float = 0.1
+    apply: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_dice <= 1.0:
+            raise EvaluationConfigError(f"gate.min_dice must lie in [0, 1], got {self.min_dice}")
+
+
+@dataclass(frozen=True)
+class DiffusionSource:
+    """Where the diffusion arms' cases come from.
+
+    Attributes:
+        manifests: Existing diffusion sets (``synthlesion sample``); only for one patient split
+            and one budget (a model trained on more labelled scans than a budget would leak
+            labels into it).
+        train_config: A ``synthlesion train`` YAML: the model is trained once per split and
+            budget on exactly that budget's labelled scans (``data.*`` and ``out_dir`` are set
+            by the evaluation), then paints lesions into the healthy train scans.
+        sample_steps: Denoising steps when sampling.
+        scheduler: Sampling scheduler.
+    """
+
+    manifests: tuple[Path, ...] = ()
+    train_config: Path | None = None
+    sample_steps: int = 20
+    scheduler: str = "dpmsolver++"
+
+    def __post_init__(self) -> None:
+        if self.manifests and self.train_config is not None:
+            raise EvaluationConfigError("diffusion: give manifests or train_config, not both")
+        if self.sample_steps < 1:
+            raise EvaluationConfigError("diffusion.sample_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """How many labelled scans, which references, and the convergence check.
+
+    Attributes:
+        budgets: Labelled lesion scans of each split's train side per budget (a nested draw:
+            the 4 of budget 4 are among the 16 of budget 16); ``None``: all of them, one
+            budget. Healthy train scans are kept whole in every budget.
+        upper_reference: Also train the real arm with every lesion scan of the train side
+            labelled (the all-labelled upper reference).
+        threshold_floor: Score the intensity-threshold rule (``|x - organ median| > t`` inside
+            the organ, ``t`` fitted on the budget's labelled scans) as a floor.
+        convergence_check: Train the real arm again with twice the steps (every split, budget
+            and seed) and report the change in test Dice.
+        convergence_tolerance: The budget counts as converged when doubling it changes the
+            real arm's mean test Dice by less than this, at every budget.
+        min_test_lesion_cases: Fewest lesion scans the test side of every split must hold.
+    """
+
+    budgets: tuple[int, ...] | None = None
+    upper_reference: bool = True
+    threshold_floor: bool = True
+    convergence_check: bool = True
+    convergence_tolerance: float = 0.01
+    min_test_lesion_cases: int = 10
+
+    def __post_init__(self) -> None:
+        if self.budgets is not None:
+            if not self.budgets or any(b < 1 for b in self.budgets):
+                raise EvaluationConfigError(
+                    f"protocol.budgets must be positive counts, got {list(self.budgets)}"
+                )
+            if len(set(self.budgets)) != len(self.budgets):
+                raise EvaluationConfigError(f"protocol.budgets repeat: {list(self.budgets)}")
+        if self.convergence_tolerance <= 0 or self.min_test_lesion_cases < 1:
+            raise EvaluationConfigError(
+                "protocol.convergence_tolerance must be > 0 and min_test_lesion_cases >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -188,38 +302,40 @@ class EvaluateConfig:
     """One downstream evaluation run.
 
     Attributes:
-        out_dir: Run folder: ``evaluate_config.yaml``, ``run.json``, ``build/`` (the guarded
-            dataset), ``handcrafted/`` (baseline cases), ``arms/<arm>/seed-<n>/``,
-            ``results.json``, ``report.html`` and ``figures/``.
+        out_dir: Run folder: ``evaluate_config.yaml``, ``run.json``, ``cells/<split>-<budget>/``
+            (the cell's real cases and splits, its generators' sets, the guarded build, every
+            arm and seed), ``results.json``, ``report.html`` and ``figures/``.
         data: Real cases (dataset.json, folder or manifest); never a synthetic set.
-        splits: The locked splits file of ``data``.
+        splits: Locked patient splits of ``data``, one per repetition (the protocol's
+            statistics resample them).
         test_split: The evaluation side scored (``test``, or ``val`` while developing).
-        diffusion_manifests: Manifests of diffusion-synthetic sets (``synthlesion sample``).
-        include_rejected: Also train on synthetic cases that failed their quality gate
-            (left out by default, as ``build-dataset`` does).
-        handcrafted_manifest: An existing hand-crafted set's manifest; ``None`` makes one in
-            ``out_dir/handcrafted`` when an arm needs it.
-        arms: The arms (names unique).
-        seeds: Seeds; every arm trains once per seed (the same seeds for every arm).
+        diffusion: Where the diffusion arms' cases come from.
+        include_rejected: Also train on synthetic cases that failed a quality gate.
+        handcrafted_manifest: An existing hand-crafted set's manifest (one split and one budget
+            only); ``None`` makes one per split and budget.
+        arms: The arms (names unique); the first is the reference of the comparisons.
+        seeds: Seeds; every arm trains once per seed, split and budget.
         threads: torch CPU threads (``None``: torch's default).
         device: ``cpu`` or ``cuda``.
-        segmenter, handcrafted, metrics, fidelity: See their classes.
+        protocol, segmenter, handcrafted, gate, metrics, fidelity: See their classes.
         report: Write ``report.html`` and the figures.
     """
 
     out_dir: Path
     data: Path
-    splits: Path
+    splits: tuple[Path, ...]
     test_split: Literal["test", "val"] = "test"
-    diffusion_manifests: tuple[Path, ...] = ()
+    diffusion: DiffusionSource = field(default_factory=DiffusionSource)
     include_rejected: bool = False
     handcrafted_manifest: Path | None = None
     arms: tuple[ArmConfig, ...] = field(default_factory=default_arms)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1)
     threads: int | None = None
     device: str = "cpu"
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     handcrafted: HandcraftedConfig = field(default_factory=HandcraftedConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     report: bool = True
@@ -229,6 +345,10 @@ class EvaluateConfig:
             raise EvaluationConfigError(
                 f"test_split must be 'test' or 'val' (an evaluation side), got {self.test_split!r}"
             )
+        if not self.splits:
+            raise EvaluationConfigError("splits: at least one locked splits file is needed")
+        if len({str(s) for s in self.splits}) != len(self.splits):
+            raise EvaluationConfigError("splits: the same splits file is listed twice")
         if not self.arms:
             raise EvaluationConfigError("arms: at least one arm is needed")
         names = [a.name for a in self.arms]
@@ -237,10 +357,24 @@ class EvaluateConfig:
             raise EvaluationConfigError(f"arms: duplicate names {duplicates}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise EvaluationConfigError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        if any(a.kind == "diffusion" for a in self.arms) and not self.diffusion_manifests:
+        cells = len(self.splits) * len(self.protocol.budgets or (None,))
+        wants_diffusion = any(a.kind == "diffusion" for a in self.arms)
+        source = self.diffusion
+        if wants_diffusion and not source.manifests and source.train_config is None:
             raise EvaluationConfigError(
-                "a diffusion arm needs diffusion_manifests (the manifest.jsonl of `synthlesion "
-                "sample`)"
+                "a diffusion arm needs diffusion.train_config (a `synthlesion train` YAML, "
+                "trained per split and budget) or diffusion.manifests (the manifest.jsonl of "
+                "`synthlesion sample`)"
+            )
+        if wants_diffusion and source.manifests and cells > 1:
+            raise EvaluationConfigError(
+                f"diffusion.manifests serve one split and one budget, this run has {cells} "
+                "(splits x budgets): give diffusion.train_config so each gets its own model"
+            )
+        if self.handcrafted_manifest is not None and cells > 1:
+            raise EvaluationConfigError(
+                f"handcrafted_manifest serves one split and one budget, this run has {cells}; "
+                "leave it null (made per split and budget)"
             )
         reference = self.metrics.reference_arm
         if reference is not None and reference not in names:
@@ -264,14 +398,25 @@ def load_evaluate_config(
         ConfigError: unknown key, wrong type (from the shared loader).
         EvaluationConfigError: a value out of range (a share outside [0, 1], ...).
     """
-    return load_config(EvaluateConfig, source, overrides)
+    data = read_mapping(source)
+    if isinstance(data.get("splits"), (str, Path)):  # one splits file: a list of one
+        data["splits"] = [data["splits"]]
+    try:
+        return load_config(EvaluateConfig, data, overrides)
+    except ConfigError as exc:
+        if source is None or isinstance(source, dict):
+            raise
+        raise ConfigError(str(exc).replace("<mapping>", str(source), 1)) from None
 
 
 __all__ = [
     "ARM_KINDS",
     "ArmConfig",
+    "DiffusionSource",
     "EvaluateConfig",
     "FidelityConfig",
+    "GateConfig",
+    "ProtocolConfig",
     "HandcraftedConfig",
     "MetricsConfig",
     "SegmenterConfig",

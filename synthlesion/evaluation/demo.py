@@ -191,7 +191,8 @@ def run_demo(
             clock = now
 
         say("1/5 phantom: 2D CT abdomen, few labelled lesion scans, many healthy scans")
-        dataset, splits = make_scenario(out / "data", profile.scenario)
+        dataset, split_files = make_scenario(out / "data", profile.scenario)
+        splits = split_files[0]
         from synthlesion.data.splits import load_splits
 
         cases = load_cases(dataset)
@@ -273,16 +274,18 @@ def run_demo(
         lap("dataset build")
 
         say(
-            "5/5 downstream evaluation: real / classical / copy-paste / hand-crafted / "
-            f"diffusion, {len(profile.seeds)} seeds each"
+            "5/5 downstream evaluation: real / copy-paste / hand-crafted / diffusion, the same "
+            f"lesion-patch share, {len(profile.seeds)} seeds each"
         )
         evaluation = load_evaluate_config(
             {
                 "out_dir": str(out / "evaluation"),
                 "data": str(dataset),
                 "splits": str(splits),
-                "diffusion_manifests": [str(sampled.manifest)],
+                "diffusion": {"manifests": [str(sampled.manifest)]},
                 "include_rejected": True,
+                # one split and every labelled scan: the full protocol is scripts/bench_downstream.py
+                "protocol": {"convergence_check": False, "min_test_lesion_cases": 4},
                 "seeds": list(profile.seeds),
                 "threads": threads,
                 "segmenter": {

@@ -200,5 +200,26 @@ __all__ = [
     "case_metrics",
     "equivalent_diameter_mm",
     "size_bin_names",
+    "jsonable",
     "summarise",
 ]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars, paths and :class:`CaseMetrics` made JSON-ready; a float
+    that is not finite becomes ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, CaseMetrics):
+        return value.to_dict()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return value

@@ -36,6 +36,10 @@ class Scenario:
         spatial_dims: 2 (axial slices) or 3.
         kind: ``"ct"`` or ``"mri"``.
         seed: Phantom and split seed.
+        splits: Patient splits drawn (the protocol's repetitions), each with these counts.
+        lesion_model: The phantom's lesions: ``"types"`` (several lesion types with rims,
+            halos, mass effect and textures of their own) or ``"ellipsoid"`` (the older,
+            simpler lesions, for reproducing older figures).
     """
 
     lesion: tuple[int, int, int] = (8, 4, 24)
@@ -44,6 +48,8 @@ class Scenario:
     spatial_dims: int = 2
     kind: str = "ct"
     seed: int = 0
+    splits: int = 1
+    lesion_model: str = "types"
 
     @property
     def n_patients(self) -> int:
@@ -91,12 +97,13 @@ def split_by_counts(
     )
 
 
-def make_scenario(out_dir: str | Path, scenario: Scenario) -> tuple[Path, Path]:
-    """Write the phantom (one scan per patient) and its locked split.
+def make_scenario(out_dir: str | Path, scenario: Scenario) -> tuple[Path, list[Path]]:
+    """Write the phantom (one scan per patient) and its locked patient splits.
 
     Returns:
-        ``(dataset.json, splits.json)``; an existing identical phantom is kept, an existing
-        splits file is reused only if it matches the dataset.
+        ``(dataset.json, [splits.json, splits-1.json, ...])`` (``scenario.splits`` files); an
+        existing identical phantom is kept, an existing splits file is reused only if it
+        matches the dataset.
     """
     out_dir = Path(out_dir)
     n_lesion = sum(scenario.lesion)
@@ -109,13 +116,19 @@ def make_scenario(out_dir: str | Path, scenario: Scenario) -> tuple[Path, Path]:
         seed=scenario.seed,
         lesion_fraction=n_lesion / scenario.n_patients,
         followup_fraction=0.0,
+        lesion_model=scenario.lesion_model,  # type: ignore[arg-type]
     )
     cases = load_cases(dataset)
-    splits = split_by_counts(cases, scenario.lesion, scenario.healthy, seed=scenario.seed)
-    path = out_dir / "splits.json"
-    save_splits(splits, path)
-    logger.info("scenario: %s", describe_splits(splits, cases))
-    return dataset, path
+    paths = []
+    for index in range(scenario.splits):
+        splits = split_by_counts(
+            cases, scenario.lesion, scenario.healthy, seed=scenario.seed + 1000 * index
+        )
+        path = out_dir / ("splits.json" if index == 0 else f"splits-{index}.json")
+        save_splits(splits, path)
+        logger.info("scenario split %d: %s", index, describe_splits(splits, cases))
+        paths.append(path)
+    return dataset, paths
 
 
 def describe_splits(splits: Splits, cases: list[Case]) -> str:

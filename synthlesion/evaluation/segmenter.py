@@ -1,12 +1,11 @@
-"""The downstream segmentation network and its training, one budget for every arm.
+"""The downstream segmentation network and its training, one recipe for every arm.
 
-Training items come from a guarded dataset build (:meth:`SyntheticAwareDataset.from_build`);
-each arm draws its samples with the dataset package's :class:`SyntheticShareSampler` (a constant
-synthetic share, or uniform over real cases), optionally through the augmentation package's
-batched transforms (classical: flips, affine, elastic, contrast, gamma, noise; copy-paste: its
-label-aware :class:`~synthlesion.augment.LesionCopyPaste`). The network is MONAI's ``UNet`` or
-``BasicUNet`` (2D or 3D), trained with Dice + cross-entropy on lesion vs. everything else.
-Every random choice comes from generators seeded by the run seed.
+The recipe follows nnU-Net's spirit: Dice + cross-entropy on lesion vs. everything else,
+foreground oversampling at the batch level (:class:`ArmBatches`: the same share of
+lesion-centred patches for every arm, the rest lesion-free, healthy scans kept as negatives),
+the augmentation recipe of :mod:`synthlesion.augment` on every batch, a cosine learning rate,
+and a validation Dice curve for the convergence check. The network is MONAI's ``UNet`` or
+``BasicUNet`` (2D or 3D). Every random choice comes from generators seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,7 +77,10 @@ def build_network(cfg: SegmenterConfig, spatial_dims: int) -> torch.nn.Module:
     )
 
 
-def _classical(seed: int, spatial_dims: int) -> Any:
+def augmentation_recipe(seed: int, spatial_dims: int) -> Any:
+    """The augmentation every arm trains with (``synthlesion.augment``): flips, a small affine
+    (rotation within 15 degrees in-plane, scale 0.85-1.15), a light elastic warp, contrast,
+    gamma and noise. Label maps are resampled with nearest neighbour."""
     from synthlesion.augment import (
         Compose,
         RandAffine,
@@ -103,71 +105,131 @@ def _classical(seed: int, spatial_dims: int) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class _Lesions:
+    """The lesion components of one case: voxel indices per component (``(n, ndim)``)."""
+
+    case: ArrayCase
+    components: tuple[np.ndarray, ...]
+
+
+def _lesion_components(case: ArrayCase, lesion_values: Sequence[int]) -> _Lesions | None:
+    from scipy import ndimage
+
+    mask = np.isin(case.label, lesion_values)
+    if not mask.any():
+        return None
+    labelled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    components = tuple(np.argwhere(labelled == i) for i in range(1, count + 1))
+    return _Lesions(case, components)
+
+
+@dataclass
+class BatchCounts:
+    """What one arm's batches held (measured after augmentation).
+
+    Attributes:
+        patches: Patches drawn.
+        positive: Patches holding at least one lesion voxel.
+        lesion_voxels, voxels: Lesion voxels and all voxels of the patches.
+        new_lesion: Lesion-centred patches whose lesion came from the arm's new source
+            (synthetic cases or copy-paste).
+        paste_failed: Copy-paste draws that found no place and fell back to a real lesion.
+    """
+
+    patches: int = 0
+    positive: int = 0
+    lesion_voxels: int = 0
+    voxels: int = 0
+    new_lesion: int = 0
+    paste_failed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "patches": self.patches,
+            "positive_patch_share": self.positive / max(self.patches, 1),
+            "lesion_pixel_share": self.lesion_voxels / max(self.voxels, 1),
+            "new_lesion_patches": self.new_lesion,
+            "paste_failed": self.paste_failed,
+        }
+
+
 class ArmBatches:
-    """Draws the training batches of one arm and seed.
+    """Draws the training batches of one arm and seed, nnU-Net style.
+
+    Every batch of ``B`` patches holds ``k = max(1, round(foreground_share * B))`` patches
+    centred on a random voxel of a lesion (a lesion-bearing scan drawn uniformly, then one of
+    its lesions, then one of its voxels) and ``B - k`` patches holding no lesion voxel, drawn at
+    random from the labelled real scans (healthy ones included). For the ``copy_paste``,
+    ``handcrafted`` and ``diffusion`` arms a share ``arm.share`` of the lesion patches comes
+    from the arm's new lesions (a synthetic case's painted lesion, or a real lesion pasted into
+    a lesion-free patch); the rest, and every lesion patch of the ``real`` arm, from the real
+    labelled lesions. So every arm sees the same share of lesion patches and differs only in
+    where its lesions come from. The augmentation recipe then runs on every batch.
 
     Args:
-        pool: The arm's training cases (real ones, plus synthetic ones of its generator).
+        real: The labelled real training cases of the budget (lesion-bearing and healthy).
+        new: The arm's synthetic cases (``handcrafted``/``diffusion``; empty otherwise).
         arm: The arm.
-        cfg: Segmenter settings (steps, batch size, patches).
+        cfg: Segmenter settings (batch size, patches, foreground share).
         seed: Run seed.
         lesion_values: Label values of lesions.
-        organ_values: Label values of the tissue copy-paste may paste into.
-        donors: Real lesion cases used as copy-paste donors.
+        organ_values: Label values of the tissue copy-paste pastes into.
+        steps: Batches to draw (default ``cfg.steps``).
     """
 
     def __init__(
         self,
-        pool: Sequence[ArrayCase],
+        real: Sequence[ArrayCase],
+        new: Sequence[ArrayCase],
         arm: ArmConfig,
         cfg: SegmenterConfig,
         seed: int,
         lesion_values: Sequence[int],
         organ_values: Sequence[int],
-        donors: Sequence[ArrayCase] = (),
+        steps: int | None = None,
     ) -> None:
-        from synthlesion.dataset import ConstantShare, SyntheticShareSampler
-
-        if not pool:
-            raise EvaluationError(f"arm {arm.name}: no training case")
-        self.pool = list(pool)
-        self.arm = arm
-        self.cfg = cfg
+        if not real:
+            raise EvaluationError(f"arm {arm.name}: no labelled real training case")
+        self.real, self.new = list(real), list(new)
+        self.arm, self.cfg = arm, cfg
+        self.steps = cfg.steps if steps is None else int(steps)
         self.lesion_values = tuple(lesion_values)
         self.organ_values = tuple(organ_values)
         self.rng = np.random.default_rng([seed, 11])
-        flags = [c.is_synthetic for c in self.pool]
-        if arm.share > 0 and not any(flags):
-            raise EvaluationError(
-                f"arm {arm.name}: share {arm.share} but no synthetic case of "
-                f"kind {arm.kind} was built"
-            )
-        schedule = ConstantShare(arm.share) if arm.share > 0 else None
-        self.sampler = SyntheticShareSampler(
-            flags, num_samples=cfg.steps * cfg.batch_size, schedule=schedule, seed=seed
-        )
-        self.sampler.set_epoch(0)
-        self.spatial_dims = self.pool[0].image.ndim
-        self.transform = None
-        self.donors = list(donors)
-        if arm.kind == "classical":
-            self.transform = _classical(seed, self.spatial_dims)
-        elif arm.kind == "copy_paste":
+        self.spatial_dims = self.real[0].image.ndim
+        found = [_lesion_components(c, self.lesion_values) for c in self.real]
+        self.real_lesions = [f for f in found if f is not None]
+        if not self.real_lesions:
+            raise EvaluationError(f"arm {arm.name}: no labelled real case holds a lesion")
+        self.healthy = [c for c, f in zip(self.real, found, strict=True) if f is None]
+        self.new_lesions: list[_Lesions] = []
+        if arm.kind in ("handcrafted", "diffusion"):
+            made = [_lesion_components(c, self.lesion_values) for c in self.new]
+            self.new_lesions = [m for m in made if m is not None]
+            if not self.new_lesions:  # every case failed the gate: the arm is the real arm
+                logger.warning(
+                    "arm %s: no %s case with a lesion to train on (all left out by the "
+                    "quality gate?); its lesion patches all come from real lesions",
+                    arm.name,
+                    arm.kind,
+                )
+        self.transform = augmentation_recipe(seed, self.spatial_dims) if cfg.augment else None
+        self.paste = None
+        if arm.kind == "copy_paste":
             from synthlesion.augment import LesionCopyPaste
 
-            if not self.donors:
-                raise EvaluationError(f"arm {arm.name}: copy-paste needs real lesion donors")
-            self.transform = LesionCopyPaste(
+            self.paste = LesionCopyPaste(
                 "image",
                 "label",
                 lesion_key="label",
                 tissue_key="label",
-                tissue_values=self.organ_values,
+                tissue_values=self.organ_values or None,
                 lesion_values=self.lesion_values,
                 intensity_matching="mean_std",
                 seed=seed,
             )
-        shapes = {c.image.shape for c in self.pool}
+        shapes = {c.image.shape for c in [*self.real, *self.new]}
         if cfg.patch_size is None and len(shapes) > 1:
             raise EvaluationConfigError(
                 f"training images have several shapes {sorted(shapes)[:3]}; set "
@@ -178,32 +240,22 @@ class ArmBatches:
                 f"segmenter.patch_size {list(cfg.patch_size)} does not fit {self.spatial_dims}D "
                 "images"
             )
-
-    def drawn_share(self) -> float:
-        """Synthetic share among the indices this arm draws (for the results)."""
-        indices = np.fromiter(iter(self.sampler), dtype=np.int64)
-        flags = np.array([self.pool[i].is_synthetic for i in indices])
-        return float(flags.mean()) if flags.size else 0.0
+        self.positives = max(1, round(cfg.foreground_share * cfg.batch_size))
+        self.counts = BatchCounts()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = list(iter(self.sampler))
-        size = self.cfg.batch_size
-        for start in range(0, len(order), size):
-            yield self._batch([self.pool[i] for i in order[start : start + size]])
+        for _ in range(self.steps):
+            yield self._batch()
 
-    def _crop(self, case: ArrayCase) -> tuple[np.ndarray, np.ndarray]:
+    # -- drawing -------------------------------------------------------------------------
+    def _crop_at(self, case: ArrayCase, centre: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         patch = self.cfg.patch_size
         if patch is None:
             return case.image, case.label
         shape = case.image.shape
-        lesion = np.argwhere(np.isin(case.label, self.lesion_values))
-        if lesion.size and self.rng.random() < self.cfg.lesion_centred_fraction:
-            centre = lesion[self.rng.integers(len(lesion))]
-        else:
-            centre = np.array([self.rng.integers(s) for s in shape])
-        pads = [(max(0, p - s), 0) for p, s in zip(patch, shape, strict=True)]
-        image = np.pad(case.image, [(0, a) for a, _ in pads], mode="edge")
-        label = np.pad(case.label, [(0, a) for a, _ in pads])
+        pads = [(0, max(0, p - s)) for p, s in zip(patch, shape, strict=True)]
+        image = np.pad(case.image, pads, mode="edge") if any(b for _, b in pads) else case.image
+        label = np.pad(case.label, pads) if any(b for _, b in pads) else case.label
         start = [
             int(np.clip(c - p // 2, 0, max(s, p) - p))
             for c, p, s in zip(centre, patch, shape, strict=True)
@@ -211,55 +263,115 @@ class ArmBatches:
         box = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
         return image[box], label[box]
 
-    def _batch(self, cases: list[ArrayCase]) -> tuple[torch.Tensor, torch.Tensor]:
-        crops = [self._crop(c) for c in cases]
-        image = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
+    def _lesion_patch(self, pool: list[_Lesions]) -> tuple[np.ndarray, np.ndarray, ArrayCase]:
+        found = pool[self.rng.integers(len(pool))]
+        component = found.components[self.rng.integers(len(found.components))]
+        centre = component[self.rng.integers(len(component))]
+        return (*self._crop_at(found.case, centre), found.case)
+
+    def _negative_patch(self, organ: bool = False) -> tuple[np.ndarray, np.ndarray, ArrayCase]:
+        """A patch with no lesion voxel (``organ``: centred on a tissue voxel, for pasting)."""
+        image = label = case = None
+        for attempt in range(20):
+            use_healthy = self.healthy and attempt >= 10
+            pool = self.healthy if use_healthy else self.real
+            case = pool[self.rng.integers(len(pool))]
+            centre = None
+            if organ and self.organ_values:
+                tissue = np.argwhere(np.isin(case.label, self.organ_values))
+                if len(tissue):
+                    centre = tissue[self.rng.integers(len(tissue))]
+            if centre is None:
+                centre = [int(self.rng.integers(s)) for s in case.image.shape]
+            image, label = self._crop_at(case, centre)
+            if not np.isin(label, self.lesion_values).any():
+                break
+        return image, label, case  # type: ignore[return-value]
+
+    def _pasted_patch(self) -> tuple[np.ndarray, np.ndarray, ArrayCase] | None:
+        image, label, case = self._negative_patch(organ=True)
+        donor_image, donor_label, donor = self._lesion_patch(self.real_lesions)
+        data = {
+            "image": torch.from_numpy(np.stack([image, donor_image]))[:, None].float(),
+            "label": torch.from_numpy(np.stack([label, donor_label]).astype(np.int64))[:, None],
+            "spacing": torch.tensor(
+                [case.spacing[: self.spatial_dims], donor.spacing[: self.spatial_dims]],
+                dtype=torch.float64,
+            ),
+        }
+        out = self.paste(data)  # type: ignore[misc]
+        pasted = out["label"][0, 0].numpy()
+        if not np.isin(pasted, self.lesion_values).any():
+            return None
+        return out["image"][0, 0].numpy(), pasted.astype(label.dtype), case
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size, positives = self.cfg.batch_size, self.positives
+        crops: list[tuple[np.ndarray, np.ndarray, ArrayCase]] = []
+        for _ in range(positives):
+            crop = None
+            if self.arm.kind != "real" and self.rng.random() < self.arm.share:
+                if self.paste is None and not self.new_lesions:
+                    pass
+                elif self.paste is not None:
+                    crop = self._pasted_patch()
+                    if crop is None:
+                        self.counts.paste_failed += 1
+                else:
+                    crop = self._lesion_patch(self.new_lesions)
+                if crop is not None:
+                    self.counts.new_lesion += 1
+            crops.append(crop or self._lesion_patch(self.real_lesions))
+        crops += [self._negative_patch() for _ in range(size - positives)]
+        order = self.rng.permutation(size)
+        crops = [crops[i] for i in order]
+        image = torch.from_numpy(np.stack([c[0] for c in crops]).astype(np.float32))[:, None]
         label = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))[:, None]
         if self.transform is not None:
             spacing = torch.tensor(
-                [c.spacing[: self.spatial_dims] for c in cases], dtype=torch.float64
+                [c[2].spacing[: self.spatial_dims] for c in crops], dtype=torch.float64
             )
-            data: dict[str, Any] = {"image": image.float(), "label": label, "spacing": spacing}
-            n = len(cases)
-            if self.arm.kind == "copy_paste":  # a donor pool so most samples get a lesion
-                picks = self.rng.integers(len(self.donors), size=n)
-                donors = [self._crop(self.donors[i]) for i in picks]
-                data = {
-                    "image": torch.cat(
-                        [image, torch.from_numpy(np.stack([d[0] for d in donors]))[:, None]]
-                    ).float(),
-                    "label": torch.cat(
-                        [
-                            label,
-                            torch.from_numpy(np.stack([d[1] for d in donors]).astype(np.int64))[
-                                :, None
-                            ],
-                        ]
-                    ),
-                    "spacing": torch.cat(
-                        [
-                            spacing,
-                            torch.tensor(
-                                [self.donors[i].spacing[: self.spatial_dims] for i in picks],
-                                dtype=torch.float64,
-                            ),
-                        ]
-                    ),
-                }
-            out = self.transform(data)
-            image, label = out["image"][:n], out["label"][:n]
+            out = self.transform({"image": image, "label": label, "spacing": spacing})
+            image, label = out["image"], out["label"]
         target = torch.isin(label, torch.tensor(self.lesion_values)).long()
+        flat = target.flatten(1)
+        self.counts.patches += size
+        self.counts.positive += int((flat.sum(1) > 0).sum())
+        self.counts.lesion_voxels += int(flat.sum())
+        self.counts.voxels += int(flat.numel())
         return image.contiguous(), target
+
+
+def bottleneck(network: torch.nn.Module) -> torch.nn.Module:
+    """The deepest encoder block of a MONAI ``UNet`` (the innermost unit) or ``BasicUNet``
+    (``down_4``): its output, averaged over space, is the segmenter's feature vector."""
+    if hasattr(network, "down_4"):
+        return network.down_4
+    module = network.model  # type: ignore[attr-defined]
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    while isinstance(module, torch.nn.Sequential) and isinstance(module[1], SkipConnection):
+        module = module[1].submodule
+    return module
 
 
 @dataclass
 class TrainedSegmenter:
-    """A trained network with what inference needs."""
+    """A trained network with what inference needs.
+
+    Attributes:
+        network: The network (eval mode).
+        patch_size: Sliding-window size (``None``: whole images).
+        losses: Loss per step.
+        counts: What the batches held (:class:`BatchCounts` as a dict).
+        validation: ``[(step, val Dice)]`` measured during training.
+    """
 
     network: torch.nn.Module
     patch_size: tuple[int, ...] | None
     losses: list[float]
-    drawn_share: float
+    counts: dict[str, Any] = field(default_factory=dict)
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -273,6 +385,23 @@ class TrainedSegmenter:
         else:
             logits = _padded(self.network, x)
         return (logits.argmax(1)[0] == 1).cpu().numpy()
+
+    @torch.no_grad()
+    def features(self, crops: np.ndarray, device: str = "cpu", batch: int = 64) -> np.ndarray:
+        """Bottleneck features of normalised crops ``(N, *S)`` (each side a multiple of 8
+        works best): ``(N, D)``, the deepest block's output averaged over space."""
+        self.network.eval()
+        captured: list[torch.Tensor] = []
+        hook = bottleneck(self.network).register_forward_hook(
+            lambda _m, _i, out: captured.append(out.flatten(2).mean(2).cpu())
+        )
+        try:
+            for start in range(0, len(crops), batch):
+                x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch]))
+                _padded(self.network, x[:, None].float().to(device))
+        finally:
+            hook.remove()
+        return torch.cat(captured).numpy() if captured else np.zeros((0, 0), np.float32)
 
 
 def _padded(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -295,28 +424,55 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def validation_dice(
+    segmenter: TrainedSegmenter,
+    cases: Sequence[ArrayCase],
+    lesion_values: Sequence[int],
+    device: str = "cpu",
+) -> float:
+    """Mean Dice over the lesion-bearing ``cases`` (the convergence curve's figure)."""
+    scores = []
+    for case in cases:
+        truth = np.isin(case.label, lesion_values)
+        if not truth.any():
+            continue
+        pred = segmenter.predict(case.image, device)
+        scores.append(2.0 * float((pred & truth).sum()) / float(pred.sum() + truth.sum()))
+    return float(np.mean(scores)) if scores else math.nan
+
+
 def train_segmenter(
     batches: ArmBatches,
     cfg: SegmenterConfig,
     seed: int,
     *,
     device: str = "cpu",
+    validation: Sequence[ArrayCase] = (),
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainedSegmenter:
-    """Train one network on one arm's batches (``cfg.steps`` steps, cosine learning rate).
+    """Train one network on one arm's batches (``batches.steps`` steps, cosine learning rate).
+
+    Args:
+        batches: The arm's batches.
+        cfg: Network and optimiser settings.
+        seed: Network initialisation seed.
+        device: Torch device.
+        validation: Real val cases scored every ``cfg.validate_every`` steps and at the end.
+        progress: Called as ``(step, loss)``.
 
     Raises:
         EvaluationError: the loss became non-finite.
     """
     from monai.losses import DiceCELoss
 
+    steps = batches.steps
     with _seeded(seed):
         network = build_network(cfg, batches.spatial_dims).to(device)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
     # Dice on the lesion channel only (background would dominate it) plus cross-entropy
     loss_fn = DiceCELoss(
@@ -329,8 +485,9 @@ def train_segmenter(
         weight=torch.tensor([1.0, cfg.lesion_weight], device=device),
     )
     pad = None if cfg.patch_size is not None else _padded
+    trained = TrainedSegmenter(network, cfg.patch_size, [])
+    lesion_values = batches.lesion_values
     network.train()
-    losses: list[float] = []
     for step, (image, target) in enumerate(batches, start=1):
         image, target = image.to(device), target.to(device)
         logits = pad(network, image) if pad is not None else network(image)
@@ -343,18 +500,29 @@ def train_segmenter(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        trained.losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step, losses[-1])
+            progress(step, trained.losses[-1])
+        every = cfg.validate_every
+        if validation and every and (step % every == 0 or step == steps):
+            trained.validation.append(
+                (step, validation_dice(trained, validation, lesion_values, device))
+            )
+            network.train()
     network.eval()
-    return TrainedSegmenter(network, cfg.patch_size, losses, batches.drawn_share())
+    trained.counts = batches.counts.to_dict()
+    return trained
 
 
 __all__ = [
     "ArmBatches",
     "ArrayCase",
+    "BatchCounts",
     "TrainedSegmenter",
+    "augmentation_recipe",
+    "bottleneck",
     "build_network",
     "normalise",
     "train_segmenter",
+    "validation_dice",
 ]
