@@ -105,7 +105,11 @@ def run_cell(
     step_progress: Callable[[str, int, int], None] | None = None,
 ) -> CellOutcome:
     """Run one cell (see the module docstring); returns its outcome."""
-    data, splits = write_cell_data(cell, cases, Path(config.data), folder / "real")
+    if cell.budget is None and not cell.reference:
+        # every labelled scan: the data and splits as given (sets made against them fit)
+        data, splits = Path(config.data), cell.splits_file
+    else:
+        data, splits = write_cell_data(cell, cases, Path(config.data), folder / "real")
     arms = [a for a in config.arms if a.kind == "real"][:1] if cell.reference else config.arms
     kinds = {a.kind for a in arms}
     manifests: dict[str, list[Path]] = {}
@@ -158,12 +162,23 @@ def run_cell(
     if config.protocol.threshold_floor and not cell.reference:
         floor = threshold_floor(pool, test_cases, config.metrics.size_bins_mm, folder)
     realism_record, examples = None, {}
-    if realism:
+    if realism and (folder / "realism.json").is_file():  # resumed (report images not kept)
+        realism_record = json.loads((folder / "realism.json").read_text(encoding="utf-8"))
+    elif realism:
         from synthlesion.evaluation.realism_suite import measure_realism
 
         _log(progress, f"{cell.name}: measuring realism")
         realism_record, examples = measure_realism(
-            config, cell, pool, kept, test_cases, val_cases, segmenter, data, splits, folder
+            config,
+            cell,
+            pool,
+            pool.synthetic,
+            test_cases,
+            val_cases,
+            segmenter,
+            data,
+            splits,
+            folder,
         )
     lesion_real = sum(bool(np.isin(c.label, pool.lesion_values).any()) for c in pool.real)
     return CellOutcome(

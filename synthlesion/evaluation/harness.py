@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ def run_evaluation(
     *,
     progress: Progress | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
+    only_cells: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every cell (split x budget), arm and seed; score, compare, measure realism; write
     ``results.json`` and the report.
@@ -132,6 +133,9 @@ def run_evaluation(
         config: The resolved config.
         progress: Called with one line per stage (entry points print it).
         step_progress: Called as ``(label, step, total)`` during each training run.
+        only_cells: Run only these cells (names as ``s0-b4``) and return ``{"cells": [...]}``
+            without pooling or writing results: workers running cells side by side; a last
+            call without it resumes every finished cell and pools them.
 
     Returns:
         The results (also written to ``out_dir/results.json``).
@@ -153,6 +157,13 @@ def run_evaluation(
             "convergence check)"
         )
     cells = plan_cells(config, cases)
+    if only_cells is not None:
+        unknown = sorted(set(only_cells) - {c.name for c in cells})
+        if unknown:
+            raise EvaluationConfigError(
+                f"only_cells: {unknown} are not cells of this run "
+                f"({', '.join(c.name for c in cells)})"
+            )
     resume = claim_run_folder(out, config)
     modality = cases[0].modality if cases else "unknown"
     normaliser = IntensityNormaliser.for_modality(modality)
@@ -160,6 +171,8 @@ def run_evaluation(
     outcomes: list[CellOutcome] = []
     with _threads(config.threads):
         for number, cell in enumerate(cells, start=1):
+            if only_cells is not None and cell.name not in only_cells:
+                continue
             _log(progress, f"cell {number}/{len(cells)}: {cell.name}")
             outcome = run_cell(
                 config,
@@ -173,6 +186,8 @@ def run_evaluation(
                 step_progress=step_progress,
             )
             outcomes.append(outcome)
+        if only_cells is not None:
+            return {"cells": [o.cell.name for o in outcomes]}
         results = summarise_protocol(config, cells, outcomes)
         results["seconds"] = round(time.perf_counter() - started, 1)
         if config.report:

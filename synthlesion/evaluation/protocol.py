@@ -57,7 +57,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{'upper' if self.reference else 'b' + self.budget_name}"
+        if self.reference:
+            return f"{self.split}-upper"
+        return f"{self.split}-{'all' if self.budget is None else f'b{self.budget}'}"
 
 
 def lesion_flags(cases: Sequence[Case]) -> dict[str, bool]:

@@ -294,7 +294,10 @@ def _repaint(
             logger.warning("repaint: no hand-crafted fit (%s)", exc)
     pipeline = None
     model_dir = folder / "diffusion" / "model"
-    if any(a.kind == "diffusion" for a in config.arms) and (model_dir / "config.json").is_file():
+    if (
+        any(a.kind == "diffusion" for a in config.arms)
+        and (model_dir / "training_record.json").is_file()
+    ):
         from synthlesion.pipelines.lesion_synthesis import LesionSynthesisPipeline
 
         pipeline = LesionSynthesisPipeline.from_pretrained(str(model_dir), device=config.device)
@@ -330,7 +333,7 @@ def _repaint(
             try:
                 out = pipeline(
                     Volume(blank.astype(np.float32), affine),
-                    mask.astype(np.uint8) * np.uint8(lesion_values[0]),
+                    mask.astype(np.uint8),  # one lesion class (the model's class 1)
                     organ_mask=tissue,
                     num_inference_steps=config.diffusion.sample_steps,
                     scheduler=config.diffusion.scheduler,

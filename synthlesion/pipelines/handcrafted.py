@@ -44,7 +44,12 @@ from synthlesion.masks import (
 )
 from synthlesion.masks.lesions import case_has_lesion
 from synthlesion.pipelines.lesion_synthesis import SynthesisError
-from synthlesion.pipelines.quality import lesion_statistics
+from synthlesion.pipelines.quality import (
+    QualityGate,
+    RealLesionReference,
+    evaluate_lesion,
+    lesion_statistics,
+)
 from synthlesion.provenance.errors import ProvenanceError
 from synthlesion.provenance.identity import (
     PATIENT_HASH_SCHEME,
@@ -311,18 +316,37 @@ def run_handcrafted(
         )
     except ProvenanceError as exc:
         raise SynthesisError(str(exc)) from None
+    reference = RealLesionReference.from_cases(
+        [c for c in train if presence[c.case_id]],
+        organ_labels=fit.organ_values,
+        lesion_labels=fit.lesion_values,
+    )
     plan = plan_cases(sources, options.per_case, prefix="hc", limit=options.limit)
-    return run.run(plan, HandcraftedCaseGenerator(fit, options), base_seed=options.seed,
+    return run.run(plan, HandcraftedCaseGenerator(fit, options, reference), base_seed=options.seed,
                    progress=progress)  # fmt: skip
 
 
 class HandcraftedCaseGenerator:
     """Paints hand-crafted lesions into one source scan (a
-    :class:`~synthlesion.provenance.run.CaseGenerator`); the driver writes the case."""
+    :class:`~synthlesion.provenance.run.CaseGenerator`); the driver writes the case.
 
-    def __init__(self, fit: RealLesionFit, options: HandcraftedConfig) -> None:
+    Every painted lesion goes through the same quality gate as a diffusion lesion
+    (:func:`~synthlesion.pipelines.quality.evaluate_lesion` against the real training lesions,
+    on the first channel); a case with a failing lesion is written and recorded as rejected,
+    and builds leave it out unless asked.
+    """
+
+    def __init__(
+        self,
+        fit: RealLesionFit,
+        options: HandcraftedConfig,
+        reference: RealLesionReference | None = None,
+        gate: QualityGate | None = None,
+    ) -> None:
         self.fit = fit
         self.options = options
+        self.reference = reference
+        self.gate = gate or QualityGate()
 
     def make_case(self, case_id: str, source: Case, seed: int) -> GeneratedCase:
         fit, options = self.fit, self.options
@@ -348,6 +372,7 @@ class HandcraftedCaseGenerator:
         values = [c.array.astype(np.float64) for c in channels]
         label_map = labels.array.copy()
         lesions = []
+        placed_masks = []
         for _ in range(options.lesions_per_case):
             placed = None
             volume = fit.draw_volume(rng)
@@ -369,6 +394,7 @@ class HandcraftedCaseGenerator:
                 for v in values
             ]
             label_map[placed] = fit.lesion_values[0]
+            placed_masks.append(placed)
             allowed &= ndimage.distance_transform_edt(~placed, sampling=spacing) > 5.0
             lesions.append(
                 {
@@ -377,6 +403,21 @@ class HandcraftedCaseGenerator:
                     "volume_mm3": round(volume, 2),
                 }
             )
+        verdicts = []
+        for placed, lesion in zip(placed_masks, lesions, strict=True):
+            region = ndimage.binary_dilation(placed, iterations=2) & (tissue | placed)
+            verdict = evaluate_lesion(
+                image.array,
+                values[0],
+                placed,
+                region,
+                spacing,
+                self.reference,
+                self.gate,
+                tissue=tissue,
+            )
+            lesion.update(verdict.to_dict())
+            verdicts.append(verdict.passed)
         painted = []
         for channel, array in zip(channels, values, strict=True):
             dtype = channel.array.dtype
@@ -390,7 +431,8 @@ class HandcraftedCaseGenerator:
             mask_origin="procedural",
             scheduler="handcrafted",
             steps=0,
-            quality={"passed": True, "lesions": lesions},
+            quality={"passed": all(verdicts), "lesions": lesions},
+            passed=all(verdicts),
         )
 
 

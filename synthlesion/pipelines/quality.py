@@ -183,11 +183,23 @@ class QualityGate:
         max_abs_z: Largest allowed |z| of mean, spread and contrast against real lesions.
         max_seam: Largest allowed seam score.
         min_abs_contrast: Smallest allowed |contrast| (image units) between lesion and ring.
+        min_contrast_fraction: With a reference of real lesions, the smallest allowed
+            |contrast| is also this share of the real lesions' median |contrast| (untouched
+            tissue presented as a lesion has a contrast near 0 and fails).
     """
 
     max_abs_z: float = 3.0
     max_seam: float = 2.0
     min_abs_contrast: float = 0.0
+    min_contrast_fraction: float = 0.25
+
+    def contrast_floor(self, reference: RealLesionReference | None) -> float:
+        """The smallest |contrast| a lesion must show (image units)."""
+        floor = float(self.min_abs_contrast)
+        if reference is not None and reference.contrasts:
+            typical = float(np.median(np.abs(np.asarray(reference.contrasts))))
+            floor = max(floor, self.min_contrast_fraction * typical)
+        return floor
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,7 @@ def evaluate_lesion(
     ]
     if seam > gate.max_seam:
         reasons.append(f"seam={seam:.2f} above {gate.max_seam}")
-    if abs(stats.contrast) < gate.min_abs_contrast:
-        reasons.append(f"contrast={stats.contrast:.2f} below {gate.min_abs_contrast}")
+    floor = gate.contrast_floor(reference)
+    if np.isfinite(stats.contrast) and abs(stats.contrast) < floor:
+        reasons.append(f"|contrast|={abs(stats.contrast):.2f} below {floor:.2f}")
     return QualityResult(not reasons, tuple(reasons), stats, zscores, seam)
