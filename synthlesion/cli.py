@@ -559,7 +559,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from synthlesion.evaluation.config import load_evaluate_config
-    from synthlesion.evaluation.console import StageBars, arms_table, comparison_lines
+    from synthlesion.evaluation.console import (
+        StageBars,
+        arms_table,
+        comparison_lines,
+        convergence_line,
+    )
     from synthlesion.evaluation.harness import run_evaluation
 
     overrides = list(args.overrides)
@@ -576,10 +581,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         "\n".join(
             [
-                "arms (mean ± sd over seeds):",
+                "arms per labelled budget (lesion Dice mean [95% hierarchical-bootstrap CI "
+                "over splits, seeds and cases], share of patches with a lesion, lesion-wise "
+                "sensitivity, false positives per case):",
                 *arms_table(results),
-                "paired Dice differences (95% bootstrap CI):",
+                "paired per-case Dice differences, arm − against (95% hierarchical-bootstrap "
+                "CI, Wilcoxon p with Holm's correction):",
                 *comparison_lines(results),
+                convergence_line(results),
             ]
         )
     )
@@ -612,7 +621,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from synthlesion.evaluation.console import StageBars, arms_table, comparison_lines
+    from synthlesion.evaluation.console import (
+        StageBars,
+        arms_table,
+        comparison_lines,
+        convergence_line,
+    )
     from synthlesion.evaluation.demo import run_demo
 
     started = time.perf_counter()
@@ -632,12 +646,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     paths = result.paths
     report = paths.get("report")
+    seeds = len(result.results.get("seeds") or [])
+    splits = len(result.results.get("splits") or [])
     lines = [
         "",
-        "arms (lesion Dice etc., mean ± sd over 3 seeds; a quick run, see the report):",
+        f"arms (lesion Dice mean [95% bootstrap CI over {splits} patient "
+        f"split{'s' if splits != 1 else ''}, {seeds} seeds and the test cases], "
+        "share of patches with a lesion, sensitivity, false positives per case; a quick run, "
+        "see the report):",
         *arms_table(result.results),
-        "paired per-case Dice differences (95% bootstrap CI):",
+        "paired per-case Dice differences against the reference arm (95% bootstrap CI, "
+        "Wilcoxon p with Holm's correction):",
         *comparison_lines(result.results, brief=True),
+        convergence_line(result.results),
         "",
         f"done in {minutes}m{seconds:02d}s ("
         + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())

@@ -521,9 +521,9 @@ def test_the_report_renders_with_its_images_tables_and_plots(evaluated, tmp_path
     dom = chromium(["--dump-dom", report.as_uri()], tmp_path)
     images = dom.count('src="data:image/png;base64,')
     assert images >= 1 and dom.count("<svg") >= 5
-    for table in ("arms", "comparisons", "fidelity", "guards"):
+    for table in ("arms", "comparisons", "convergence", "realism", "repaint", "gate", "guards"):
         assert f'id="{table}"' in dom
-    for arm in ("real", "classical", "copy-paste", "handcrafted"):
+    for arm in ("real", "copy-paste", "handcrafted"):
         assert f"<td>{arm}</td>" in dom
     assert "Dataset card" in dom and "refused" in dom
     shot = tmp_path / "report.png"
@@ -567,8 +567,10 @@ def test_the_same_harness_runs_on_3d_volumes(tmp_path):
             "gate": {"min_dice": 0.0},
             "metrics": {"bootstrap": 100},
             "fidelity": {"crop_size": 8, "grid_rows": 1, "classifier_folds": 2},
+            "include_rejected": True,  # two real lesions make a strict z-score gate
         }
     )
     results = run_evaluation(config)
     assert results["cells"][0]["data"]["train_synthetic"]["handcrafted"] == 3
+    assert results["gate"]["cases"]["handcrafted"] == 3
     assert all(a["runs"] == 2 for a in results["arms"].values())

@@ -58,3 +58,53 @@ def test_gate_rejects_outliers_and_records_reasons():
     assert any("z_mean" in r for r in result.reasons)
     record = result.to_dict()
     assert record["passed"] is False and "lesion_mean" in record and "seam" in record
+
+
+def test_the_gate_rejects_untouched_healthy_tissue_presented_as_a_lesion(tmp_path):
+    """44 of 48 untouched healthy-liver disks used to pass as lesions: with a reference of real
+    lesions the contrast floor refuses them, while real lesions of the phantom pass it."""
+    from scipy import ndimage
+
+    from synthlesion.data.phantom import make_phantom_dataset
+    from synthlesion.data.sources import load_cases
+
+    dataset = make_phantom_dataset(
+        tmp_path / "ph", kind="ct", spatial_dims=2, n_patients=16, size=96, seed=3
+    )
+    cases = load_cases(dataset)
+    from synthlesion.data.io import load_image
+
+    lesion_cases = [c for c in cases if c.has_lesion]
+    healthy = [c for c in cases if not c.has_lesion]
+    reference = RealLesionReference.from_cases(lesion_cases[:6], organ_labels=(1,))
+    gate = QualityGate()
+    assert gate.contrast_floor(reference) > 5.0  # HU: a fifth of the typical |contrast|
+    rng = np.random.default_rng(0)
+    untouched_passed = tried = 0
+    for case in healthy:
+        image = load_image(case.image)
+        organ = load_image(case.mask).array == 1
+        inner = ndimage.binary_erosion(organ, iterations=6)
+        where = np.argwhere(inner)
+        for _ in range(4):
+            centre = where[rng.integers(len(where))]
+            disk = blob(organ.shape, tuple(centre), radius=3) & organ
+            result = evaluate_lesion(
+                image.array, image.array, disk, disk, image.spacing, reference, gate, tissue=organ
+            )
+            tried += 1
+            untouched_passed += result.passed
+            if not result.passed:
+                assert any("contrast" in r for r in result.reasons) or result.reasons
+    assert tried >= 20 and untouched_passed <= 0.1 * tried
+    real_passed = 0
+    for case in lesion_cases[6:]:
+        image = load_image(case.image)
+        labels = load_image(case.mask).array
+        lesion = labels == 2
+        result = evaluate_lesion(
+            image.array, image.array, lesion, lesion, image.spacing, reference, gate,
+            tissue=labels == 1,
+        )  # fmt: skip
+        real_passed += not any("contrast" in r for r in result.reasons)
+    assert real_passed >= 0.7 * len(lesion_cases[6:])  # rimmed lesions can have little net contrast

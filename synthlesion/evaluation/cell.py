@@ -162,8 +162,11 @@ def run_cell(
     if config.protocol.threshold_floor and not cell.reference:
         floor = threshold_floor(pool, test_cases, config.metrics.size_bins_mm, folder)
     realism_record, examples = None, {}
-    if realism and (folder / "realism.json").is_file():  # resumed (report images not kept)
+    if realism and (folder / "realism.json").is_file():  # resumed
+        from synthlesion.evaluation.realism_suite import read_examples
+
         realism_record = json.loads((folder / "realism.json").read_text(encoding="utf-8"))
+        examples = read_examples(folder)
     elif realism:
         from synthlesion.evaluation.realism_suite import measure_realism
 

@@ -2,8 +2,9 @@
 
 A :class:`Canvas` records rectangles, lines, circles and text; :meth:`Canvas.svg` writes them
 as an SVG element and :meth:`Canvas.png` paints them with PIL. :func:`bar_chart` draws means
-with +-1 sd error bars and every seed's value as a dot; :func:`forest_plot` draws paired
-differences with their confidence intervals; :func:`image_grid` tiles image crops.
+with error bars (+-1 sd or a confidence interval), every seed's value as a dot and dashed
+reference lines; :func:`forest_plot` draws paired differences with their confidence intervals,
+grouped under headings; :func:`image_grid` tiles image crops.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ PALETTE = (
     "#64b5cd",
 )
 _ANCHOR = {"start": "lm", "middle": "mm", "end": "rm"}
+# PIL's bundled font covers Latin-1 only: the PNG spells what it lacks (the SVG keeps it)
+_PNG_TEXT = str.maketrans(
+    {
+        "\u2212": "-",  # minus
+        "\u2013": "-",
+        "\u2014": "-",
+        "\u0394": "delta",
+        "\u2192": "->",
+        "\u00d7": "x",
+        "\u2265": ">=",
+        "\u2264": "<=",
+    }
+)
 
 
 @dataclass
@@ -159,7 +173,7 @@ class Canvas:
                 font = fonts.get(size) or fonts.setdefault(size, ImageFont.load_default(size=size))
                 draw.text(
                     (o["x"] * scale, o["y"] * scale),
-                    o["text"],
+                    o["text"].translate(_PNG_TEXT),
                     fill=o["color"],
                     font=font,
                     anchor=_ANCHOR[o["anchor"]],
@@ -209,12 +223,41 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 @dataclass(frozen=True)
 class Series:
-    """One bar per category: means, sds (error bars) and the per-seed values (dots)."""
+    """One bar per category: means, sds (error bars) and the per-seed values (dots).
+
+    ``lows`` and ``highs``, when given, are the error bars' ends instead (an interval such as a
+    95% CI, not symmetric about the mean); ``sds`` is then ignored.
+    """
 
     name: str
     means: Sequence[float]
-    sds: Sequence[float]
+    sds: Sequence[float] = ()
     values: Sequence[Sequence[float]] = ()
+    lows: Sequence[float] = ()
+    highs: Sequence[float] = ()
+
+    def interval(self, index: int) -> tuple[float, float] | None:
+        """The error bar's ends for category ``index``, or ``None`` when it has none."""
+        mean = self.means[index]
+        if self.lows or self.highs:
+            lo = self.lows[index] if index < len(self.lows) else math.nan
+            hi = self.highs[index] if index < len(self.highs) else math.nan
+            if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+                return None
+            return float(lo), float(hi)
+        sd = self.sds[index] if index < len(self.sds) else None
+        if not sd or not math.isfinite(sd) or not math.isfinite(mean):
+            return None
+        return mean - sd, mean + sd
+
+
+@dataclass(frozen=True)
+class RefLine:
+    """A horizontal reference line across a bar chart (a floor, an upper reference)."""
+
+    value: float
+    label: str
+    color: str = "#666"
 
 
 def _fmt(value: float) -> str:
@@ -227,6 +270,25 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _legend_rows(names: Sequence[str], left: float, right_edge: float) -> list[list[int]]:
+    """Legend entries wrapped into rows that fit between ``left`` and ``right_edge``."""
+    rows: list[list[int]] = [[]]
+    x = left
+    for k, name in enumerate(names):
+        w = _label_width(name, 10) + 24
+        if rows[-1] and x + w > right_edge:
+            rows.append([])
+            x = left
+        rows[-1].append(k)
+        x += w
+    return rows
+
+
+def _label_width(text: str, size: float) -> float:
+    """A generous estimate of a label's width in pixels (Helvetica-like fonts)."""
+    return 0.62 * size * len(text)
+
+
 def bar_chart(
     title: str,
     categories: Sequence[str],
@@ -236,8 +298,10 @@ def bar_chart(
     width: int | None = None,
     height: int = 300,
     bounds: tuple[float | None, float | None] = (None, None),
+    lines: Sequence[RefLine] = (),
 ) -> Canvas:
-    """Grouped bars with +-1 sd error bars and seed dots; NaN bars are marked ``n/a``.
+    """Grouped bars with error bars (+-1 sd or a given interval) and seed dots; NaN bars are
+    marked ``n/a``; ``lines`` draws dashed horizontal reference lines with their labels.
 
     ``bounds`` clips error bars to the metric's range (e.g. ``(0, 1)`` for Dice).
     """
@@ -248,21 +312,29 @@ def bar_chart(
         return min(v, hi) if hi is not None else v
 
     n_cat, n_ser = len(categories), max(len(series), 1)
-    group = max(84, 26 * n_ser + 30)
-    left, right, top, bottom = 58, 16, 46 if n_ser > 1 else 34, 44
-    width = width or left + right + group * max(n_cat, 1)
+    group = max(84, 26 * n_ser + 30, max((_label_width(c, 11) + 12 for c in categories), default=0))
+    left, right, bottom = 58, 16, 44
+    width = width or round(
+        max(left + right + group * max(n_cat, 1), left + right + _label_width(title, 14))
+    )
+    group = (width - left - right) / max(n_cat, 1)  # the categories share the width
+    legend = n_ser > 1
+    legend_rows = _legend_rows([s.name for s in series], left, width - right) if legend else []
+    top = 34 + 16 * len(legend_rows) + (6 if legend else 0) + (14 if y_label else 0)
+    height = max(height, top + bottom + 140)
     canvas = Canvas(width, height)
     canvas.text(left, 15, title, 14, "start", "#111")
     if y_label:
-        canvas.text(left, 31 if n_ser == 1 else 31, y_label, 11, "start", "#555")
-    finite = [
-        v
-        for s in series
-        for m, sd in zip(s.means, s.sds, strict=True)
-        for v in (clip(m - (sd or 0)), clip(m + (sd or 0)))
-        if math.isfinite(v)
-    ]
-    finite += [v for s in series for vs in s.values for v in vs if math.isfinite(v)]
+        canvas.text(8, top - 12, y_label, 10, "start", "#555")
+    finite: list[float] = []
+    for s in series:
+        for c in range(len(s.means)):
+            span = s.interval(c)
+            finite += [clip(v) for v in span] if span else []
+            finite.append(s.means[c])
+    finite += [v for s in series for vs in s.values for v in vs]
+    finite += [line.value for line in lines]
+    finite = [v for v in finite if v is not None and math.isfinite(v)]
     low = min([0.0, *finite])
     high = max([*finite, low + 1e-9]) if finite else 1.0
     ticks = nice_ticks(low, high)
@@ -282,38 +354,44 @@ def bar_chart(
         ypos(0.0 if y0 <= 0 <= y1 else y0),
         "#888",
     )
-    bar_w = (group - 24) / n_ser
+    bar_w = min((group - 24) / n_ser, 72.0)
     for c, name in enumerate(categories):
-        gx = left + c * group + 12
+        gx = left + c * group + (group - bar_w * n_ser) / 2
         for s_index, s in enumerate(series):
             color = PALETTE[s_index % len(PALETTE)] if n_ser > 1 else PALETTE[c % len(PALETTE)]
             x = gx + s_index * bar_w
-            mean = s.means[c]
-            if not math.isfinite(mean):
+            mean = s.means[c] if c < len(s.means) else math.nan
+            if mean is None or not math.isfinite(mean):
                 canvas.text(x + bar_w / 2, ypos(y0) - 8, "n/a", 9, "middle", "#888")
                 continue
             base = ypos(max(y0, min(0.0, y1)))
             top_y = ypos(mean)
             canvas.rect(x + 2, min(base, top_y), bar_w - 4, abs(base - top_y), color)
-            sd = s.sds[c] if c < len(s.sds) else 0.0
-            if sd and math.isfinite(sd):
+            span = s.interval(c)
+            if span is not None:
                 cx = x + bar_w / 2
-                canvas.line(cx, ypos(clip(mean - sd)), cx, ypos(clip(mean + sd)), "#222", 1.4)
-                for yy in (clip(mean - sd), clip(mean + sd)):
+                lo, hi = clip(span[0]), clip(span[1])
+                canvas.line(cx, ypos(lo), cx, ypos(hi), "#222", 1.4)
+                for yy in (lo, hi):
                     canvas.line(cx - 5, ypos(yy), cx + 5, ypos(yy), "#222", 1.4)
             seeds = s.values[c] if c < len(s.values) else []
             for k, v in enumerate(seeds):
-                if math.isfinite(v):
+                if v is not None and math.isfinite(v):
                     offset = (k - (len(seeds) - 1) / 2) * 5
                     canvas.circle(x + bar_w / 2 + offset, ypos(v), 2.3, "#111")
         canvas.text(left + c * group + group / 2, height - bottom + 14, name, 11, "middle")
-    if n_ser > 1:
-        lx = width - right
-        for s_index, s in reversed(list(enumerate(series))):
-            label_w = 7 * len(s.name) + 22
-            lx -= label_w
-            canvas.rect(lx, 27, 10, 10, PALETTE[s_index % len(PALETTE)])
-            canvas.text(lx + 14, 32, s.name, 10, "start", "#333")
+    for line in lines:
+        if line.value is None or not math.isfinite(line.value):
+            continue
+        y = ypos(line.value)
+        canvas.line(left, y, width - right, y, line.color, 1.4, dash=True)
+        canvas.text(width - right - 2, y - 7, line.label, 10, "end", line.color)
+    for r, row in enumerate(legend_rows):
+        lx, ly = left, 32 + 16 * r
+        for s_index in row:
+            canvas.rect(lx, ly - 5, 10, 10, PALETTE[s_index % len(PALETTE)])
+            canvas.text(lx + 14, ly, series[s_index].name, 10, "start", "#333")
+            lx += _label_width(series[s_index].name, 10) + 24
     return canvas
 
 
@@ -326,15 +404,31 @@ def forest_plot(
     *,
     x_label: str = "",
     width: int = 560,
+    groups: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    signed_colors: bool = True,
 ) -> Canvas:
-    """Paired differences (points) with confidence intervals (whiskers) and a zero line."""
-    row_h, top, right = 26, 44, 30
-    left = max(130, 16 + 7 * max((len(label) for label in labels), default=0))
-    width = max(width, left + 320)
-    height = top + row_h * max(len(labels), 1) + 40
+    """Paired differences (points) with confidence intervals (whiskers) and a zero line.
+
+    ``groups`` (one per row) inserts a heading row wherever the group changes; ``notes`` (one
+    per row) are written in a column right of the plot (e.g. a p value). With
+    ``signed_colors`` an interval above zero is green and one below is red; otherwise every
+    row is blue.
+    """
+    row_h, top = 26, 44
+    left = max(130, 16 + _label_width(max(labels, key=len, default=""), 11))
+    note_w = _label_width(max(notes, key=len, default=""), 10) + 16 if notes else 0
+    right = 30 + note_w
+    width = max(width, round(left + right + 300))
+    rows: list[tuple[str, int]] = []  # ("group", label index) or ("row", index)
+    for i in range(len(labels)):
+        if groups and i < len(groups) and (i == 0 or groups[i] != groups[i - 1]):
+            rows.append(("group", i))
+        rows.append(("row", i))
+    height = top + row_h * max(len(rows), 1) + 40
     canvas = Canvas(width, height)
     canvas.text(12, 15, title, 14, "start", "#111")
-    values = [v for v in (*diffs, *lows, *highs) if math.isfinite(v)]
+    values = [v for v in (*diffs, *lows, *highs) if v is not None and math.isfinite(v)]
     span = max([abs(v) for v in values] + [0.01])
     ticks = nice_ticks(-span, span, 6)
     x0, x1 = ticks[0], ticks[-1]
@@ -342,22 +436,32 @@ def forest_plot(
     def xpos(v: float) -> float:
         return left + (width - left - right) * (v - x0) / (x1 - x0 or 1)
 
-    bottom_y = top + row_h * len(labels)
+    bottom_y = top + row_h * len(rows)
     for t in ticks:
         canvas.line(xpos(t), top - 6, xpos(t), bottom_y, "#eee")
         canvas.text(xpos(t), bottom_y + 12, _fmt(t), 10, "middle", "#555")
     canvas.line(xpos(0), top - 6, xpos(0), bottom_y, "#888", 1.2, dash=True)
     if x_label:
         canvas.text((left + width - right) / 2, bottom_y + 30, x_label, 11, "middle", "#555")
-    for i, label in enumerate(labels):
-        y = top + row_h * i + row_h / 2
-        canvas.text(left - 10, y, label, 11, "end")
+    for r, (kind, i) in enumerate(rows):
+        y = top + row_h * r + row_h / 2
+        if kind == "group":
+            if r:
+                canvas.line(12, y - row_h / 2, width - 12, y - row_h / 2, "#ccc")
+            canvas.text(12, y, groups[i], 12, "start", "#111")
+            continue
+        canvas.text(left - 10, y, labels[i], 11, "end")
+        if notes and i < len(notes):
+            canvas.text(width - note_w, y, notes[i], 10, "start", "#333")
         d, lo, hi = diffs[i], lows[i], highs[i]
-        if not math.isfinite(d):
+        if d is None or not math.isfinite(d):
             canvas.text(xpos(0) + 6, y, "n/a", 10, "start", "#888")
             continue
-        color = "#2a7a3b" if lo > 0 else "#b23a3a" if hi < 0 else "#555"
-        if math.isfinite(lo) and math.isfinite(hi):
+        finite = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        color = "#4c72b0"
+        if signed_colors:
+            color = "#2a7a3b" if finite and lo > 0 else "#b23a3a" if finite and hi < 0 else "#555"
+        if finite:
             canvas.line(xpos(lo), y, xpos(hi), y, color, 2)
             for xx in (lo, hi):
                 canvas.line(xpos(xx), y - 5, xpos(xx), y + 5, color, 2)
@@ -420,4 +524,4 @@ def image_grid(
     return buffer.getvalue()
 
 
-__all__ = ["Canvas", "Series", "bar_chart", "forest_plot", "image_grid", "nice_ticks"]
+__all__ = ["Canvas", "RefLine", "Series", "bar_chart", "forest_plot", "image_grid", "nice_ticks"]

@@ -72,48 +72,102 @@ class StageBars:
         self.bar, self.label = None, None
 
 
-def _pm(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
-    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _f(value: Any, digits: int = 3, signed: bool = False) -> str:
+    number = _num(value)
+    if not math.isfinite(number):
         return "n/a"
-    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+    return f"{number:+.{digits}f}" if signed else f"{number:.{digits}f}"
+
+
+def _interval(mean: Any, ci: Any, digits: int = 3, signed: bool = False) -> str:
+    """``mean [low, high]`` (the interval left out where it is missing)."""
+    if not math.isfinite(_num(mean)):
+        return "n/a"
+    low, high = (ci[0], ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+    if not (math.isfinite(_num(low)) and math.isfinite(_num(high))):
+        return _f(mean, digits, signed)
+    return f"{_f(mean, digits, signed)} [{_f(low, digits, signed)}, {_f(high, digits, signed)}]"
+
+
+def _p(value: Any) -> str:
+    number = _num(value)
+    return f"{number:.3g}" if math.isfinite(number) else "n/a"
+
+
+def _row(label: str, figures: Mapping[str, Any]) -> str:
+    return (
+        f"  {label:<26}{_interval(figures.get('dice_mean'), figures.get('dice_ci')):>24}"
+        f"{_f(figures.get('positive_patch_share')):>10}{_f(figures.get('sensitivity')):>8}"
+        f"{_f(figures.get('fp_per_case'), 2):>9}"
+    )
 
 
 def arms_table(results: Mapping[str, Any]) -> list[str]:
-    """Fixed-width lines: arm, Dice, sensitivity, false positives per case, HD95."""
-    lines = [f"  {'arm':<16}{'Dice':>16}{'sensitivity':>16}{'FP/case':>16}{'HD95 mm':>18}"]
-    for a in results["arms"]:
-        m = a["metrics"]
+    """Fixed-width lines, one per ``arm@budget``: lesion Dice mean [95% CI], the share of
+    positive patches, sensitivity and false positives per case; then the threshold floor per
+    budget and the upper reference."""
+    lines = [
+        f"  {'arm@budget':<26}{'Dice [95% CI]':>24}{'pos.share':>10}{'sens.':>8}{'FP/case':>9}"
+    ]
+    arms = results.get("arms")
+    for key, figures in (arms if isinstance(arms, Mapping) else {}).items():
+        lines.append(_row(str(key), figures if isinstance(figures, Mapping) else {}))
+    floors = results.get("threshold_floor")
+    for budget, floor in (floors if isinstance(floors, Mapping) else {}).items():
         lines.append(
-            f"  {a['name']:<16}{_pm(m.get('dice')):>16}{_pm(m.get('sensitivity')):>16}"
-            f"{_pm(m.get('fp_per_case'), 2):>16}{_pm(m.get('hd95_mm'), 1):>18}"
+            _row(f"threshold floor@b{budget}", floor if isinstance(floor, Mapping) else {})
         )
+    upper = results.get("upper_reference")
+    if isinstance(upper, Mapping):
+        lines.append(_row("upper reference", upper))
     return lines
 
 
 def comparison_lines(results: Mapping[str, Any], *, brief: bool = False) -> list[str]:
-    """One line per Dice comparison: mean paired difference, CI and Wilcoxon p.
-
-    ``brief`` keeps the comparisons against the reference arm and those of the best diffusion
-    arm against each baseline.
-    """
-    diffusion = [a for a in results["arms"] if a["kind"] == "diffusion"]
-    best = (
-        max(diffusion, key=lambda a: a["metrics"]["dice"]["mean"] or -1.0)["name"]
-        if diffusion
-        else None
-    )
+    """One line per comparison: the mean paired Dice difference, its 95% CI and the
+    Holm-corrected p (``brief``: only the comparisons against the reference arm)."""
+    reference = results.get("reference_arm")
+    comparisons = results.get("comparisons")
     lines = []
-    for c in results["comparisons"]:
-        if c["metric"] != "dice" or c["mean_diff"] is None:
+    for key, c in (comparisons if isinstance(comparisons, Mapping) else {}).items():
+        if not isinstance(c, Mapping):
             continue
-        if brief and c["against"] != results["reference_arm"] and c["arm"] != best:
+        if brief and c.get("against") != reference:
             continue
+        arm, against = str(key).partition("_vs_")[::2]
+        if c.get("arm") is not None and c.get("budget") is not None:
+            arm = f"{c['arm']}@b{c['budget']}"
         lines.append(
-            f"  {c['arm']} − {c['against']}: ΔDice {c['mean_diff']:+.3f} "
-            f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], Wilcoxon p "
-            f"{c['wilcoxon_p']:.3g}"
+            f"  {arm} − {c.get('against', against)}: ΔDice "
+            f"{_interval(c.get('mean_diff'), [c.get('ci_low'), c.get('ci_high')], signed=True)}"
+            f", p_holm {_p(c.get('p_holm'))} (Wilcoxon p {_p(c.get('p_wilcoxon'))}, "
+            f"{c.get('pairs', 'n/a')} pairs)"
         )
     return lines
 
 
-__all__ = ["StageBars", "arms_table", "comparison_lines"]
+def convergence_line(results: Mapping[str, Any]) -> str:
+    """Whether the real arm converged, with the test Dice change when doubling its steps."""
+    convergence = results.get("convergence")
+    if not isinstance(convergence, Mapping) or not convergence:
+        return "convergence: not checked in this run"
+    changes = ", ".join(
+        f"b{budget} "
+        + _interval(
+            c.get("test_dice_change_when_doubled") if isinstance(c, Mapping) else None,
+            c.get("ci") if isinstance(c, Mapping) else None,
+            signed=True,
+        )
+        for budget, c in convergence.items()
+    )
+    word = "yes" if results.get("real_converged") else "NO"
+    return f"real arm converged: {word} (test Dice change when doubling the steps: {changes})"
+
+
+__all__ = ["StageBars", "arms_table", "comparison_lines", "convergence_line"]

@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "synthlesion-evaluation-run/1"
-RESULTS_FORMAT = "synthlesion-evaluation/1"
 Progress = Callable[[str], None]
 
 
@@ -189,6 +188,7 @@ def run_evaluation(
         if only_cells is not None:
             return {"cells": [o.cell.name for o in outcomes]}
         results = summarise_protocol(config, cells, outcomes)
+        results["config_sha256"] = config_hash(config)
         results["seconds"] = round(time.perf_counter() - started, 1)
         if config.report:
             from synthlesion.evaluation.report import REPORT_FILE, write_report

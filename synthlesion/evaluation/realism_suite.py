@@ -198,8 +198,60 @@ def measure_realism(
         fidelity[kind] = {"adherence": fid.adherence, "memorisation": fid.memorisation}
         examples[kind] = fid.examples
     record["fidelity"] = fidelity
+    write_examples(folder, examples)
     atomic_write_json(folder / "realism.json", jsonable(record))
     return record, examples
+
+
+EXAMPLES_FILE = "realism_examples.npz"
+
+
+def write_examples(folder: Path, examples: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Keep the report's example rows beside ``realism.json`` (arrays in an ``.npz`` without
+    pickles, the rest as JSON), so a resumed run's report shows them too."""
+    import io
+    import json
+
+    from synthlesion.storage import atomic_write_bytes
+
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, list[dict[str, Any]]] = {}
+    for kind, rows in examples.items():
+        meta[kind] = []
+        for index, row in enumerate(rows):
+            plain = {}
+            for key, value in row.items():
+                if isinstance(value, np.ndarray):
+                    arrays[f"{kind}/{index}/{key}"] = value
+                else:
+                    plain[key] = value
+            meta[kind].append(plain)
+    arrays["__meta__"] = np.frombuffer(json.dumps(jsonable(meta)).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(folder / EXAMPLES_FILE, buffer.getvalue())
+
+
+def read_examples(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The example rows kept by :func:`write_examples` (``{}`` when there are none)."""
+    import json
+
+    path = folder / EXAMPLES_FILE
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(bytes(data["__meta__"]).decode())
+        out: dict[str, list[dict[str, Any]]] = {}
+        for kind, rows in meta.items():
+            out[kind] = []
+            for index, plain in enumerate(rows):
+                row = dict(plain)
+                prefix = f"{kind}/{index}/"
+                for key in data.files:
+                    if key.startswith(prefix):
+                        row[key[len(prefix) :]] = data[key]
+                out[kind].append(row)
+    return out
 
 
 def _kid(a: np.ndarray, b: np.ndarray, subsets: int, seed: int) -> dict[str, float]:
@@ -357,4 +409,4 @@ def _repaint(
     return out
 
 
-__all__ = ["measure_realism"]
+__all__ = ["EXAMPLES_FILE", "measure_realism", "read_examples", "write_examples"]

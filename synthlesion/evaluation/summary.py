@@ -180,7 +180,7 @@ def summarise_protocol(
     adjusted = holm({k: v["p_wilcoxon"] for k, v in comparisons.items()})
     for key, value in adjusted.items():
         comparisons[key]["p_holm"] = value
-    gate = _pooled_gate(outcomes)
+    gate = _pooled_gate(config, outcomes)
     realism = _pooled_realism(outcomes)
     converged = [c.get("within_tolerance") for c in convergence.values()]
     plateaus = [(c.get("validation") or {}).get("plateaued") for c in convergence.values()]
@@ -206,6 +206,7 @@ def summarise_protocol(
         and all(c is True for c in converged)
         and all(p is not False for p in plateaus),
         "convergence": convergence,
+        "convergence_tolerance": config.protocol.convergence_tolerance,
         "arms": arms,
         "positive_patch_share_spread": float(max(shares) - min(shares)) if shares else None,
         "upper_reference": upper_figures,
@@ -233,18 +234,24 @@ def _order(budget: str) -> float:
     return math.inf if budget == "all" else float(budget)
 
 
-def _pooled_gate(outcomes: Sequence[CellOutcome]) -> dict[str, Any]:
-    totals: dict[str, list[int]] = {}
+def _pooled_gate(config: EvaluateConfig, outcomes: Sequence[CellOutcome]) -> dict[str, Any]:
+    keys = ("cases", "rejected", "rejected_by_manifest_gate", "rejected_by_segmenter", "kept")
+    totals: dict[str, dict[str, int]] = {}
     for o in outcomes:
         for kind, record in o.gate.items():
-            got = totals.setdefault(kind, [0, 0])
-            got[0] += record["cases"]
-            got[1] += record["rejected"]
-    return {
-        "rejected_share": {k: (r / n if n else 0.0) for k, (n, r) in totals.items()},
-        "cases": {k: n for k, (n, _) in totals.items()},
-        "rejected": {k: r for k, (_, r) in totals.items()},
+            got = totals.setdefault(kind, dict.fromkeys(keys, 0))
+            for key in keys:
+                got[key] += int(record.get(key, 0))
+    out: dict[str, Any] = {
+        "rejected_share": {
+            k: (t["rejected"] / t["cases"] if t["cases"] else 0.0) for k, t in totals.items()
+        },
+        "min_dice": config.gate.min_dice,
+        "applied": config.gate.apply and not config.include_rejected,
     }
+    for key in keys:
+        out[key] = {k: t[key] for k, t in totals.items()}
+    return out
 
 
 def _pooled_realism(outcomes: Sequence[CellOutcome]) -> dict[str, Any] | None:

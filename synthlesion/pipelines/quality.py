@@ -191,7 +191,7 @@ class QualityGate:
     max_abs_z: float = 3.0
     max_seam: float = 2.0
     min_abs_contrast: float = 0.0
-    min_contrast_fraction: float = 0.25
+    min_contrast_fraction: float = 0.2
 
     def contrast_floor(self, reference: RealLesionReference | None) -> float:
         """The smallest |contrast| a lesion must show (image units)."""
