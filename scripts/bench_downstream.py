@@ -63,7 +63,7 @@ def _settings(quick: bool, out: Path, steps: int) -> tuple[Scenario, dict[str, A
             "steps": steps,
             "batch_size": 16,
             "patch_size": [64, 64],
-            "channels": [16, 32, 64, 128],
+            "channels": [8, 16, 32, 64],
             "validate_every": max(steps // 4, 1),
         }
         protocol = {"budgets": [4, 16], "min_test_lesion_cases": 100}
@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--fresh", action="store_true", help="remove --out first")
     parser.add_argument("--workers", type=int, default=2, help="cell worker processes")
-    parser.add_argument("--segmenter-steps", type=int, default=400)
+    parser.add_argument("--segmenter-steps", type=int, default=800)
     args = parser.parse_args()
     out = Path(args.out)
     if args.fresh and out.exists():

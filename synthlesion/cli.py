@@ -191,6 +191,14 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         help="share of patients with a second time point (default 0.5; 0.4 for brain-mri-multi)",
     )
     p.add_argument(
+        "--lesion-model",
+        choices=["types", "ellipsoid"],
+        default=None,
+        help="ct/mri: typed lesions (cysts, rimmed metastases with halos, heterogeneous masses, "
+        "infiltrative lesions; mass effect; the default) or the older deformed ellipsoids (for "
+        "reproducing older figures)",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace a different dataset.json already in --out"
     )
     p.set_defaults(handler=_cmd_phantom)
@@ -206,6 +214,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
         if args.dims != 3:
             raise ConfigError("phantom: --kind brain-mri-multi makes 3D volumes only (--dims 3)")
+        if args.lesion_model is not None:
+            raise ConfigError("phantom: --lesion-model applies to --kind ct and mri only")
         if args.full_size and args.size not in (None, FULL_SHAPE[0]):
             raise ConfigError(
                 f"phantom: --full-size is the {FULL_SHAPE[0]} x {FULL_SHAPE[1]} x "
@@ -239,6 +249,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         lesion_fraction=0.6 if args.lesion_fraction is None else args.lesion_fraction,
         followup_fraction=0.5 if args.followup_fraction is None else args.followup_fraction,
         overwrite=args.overwrite,
+        lesion_model=args.lesion_model or "types",
     )
     print(path)
     return 0

@@ -43,12 +43,13 @@ def test_quick_demo_runs_every_stage_and_says_where_everything_is(tmp_path, caps
     assert build["counts"]["train"]["synthetic"] == len(rows)
     assert (out / "dataset" / "dataset_card.md").is_file()
     results = json.loads((out / "evaluation" / "results.json").read_text())
-    kinds = {a["kind"] for a in results["arms"]}
-    assert kinds == {"real", "classical", "copy_paste", "handcrafted", "diffusion"}
-    assert all(len(a["metrics"]["dice"]["values"]) == 3 for a in results["arms"])
-    assert "diffusion" in results["fidelity"]["generators"]
+    kinds = {a["kind"] for a in results["arms"].values()}
+    assert kinds == {"real", "copy_paste", "handcrafted", "diffusion"}
+    assert all(a["runs"] == 3 for a in results["arms"].values())  # one split, three seeds
+    assert results["positive_patch_share_spread"] <= 0.02
+    assert "diffusion" in results["realism"]["repaint"]
     report = Path(out / "evaluation" / "report.html")
-    assert report.is_file() and (out / "evaluation" / "figures" / "grid_diffusion.png").is_file()
+    assert report.is_file() and "Realism" in report.read_text()
     assert json.loads((out / "demo.json").read_text())["paths"]["report"] == str(report)
     # an earlier demo is only replaced on request
     assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 1

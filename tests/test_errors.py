@@ -309,7 +309,7 @@ def test_split_refuses_missing_files_and_warns_on_thin_sides(phantom, tmp_path, 
 # --- declared dependencies --------------------------------------------------------------------
 
 
-DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image"}
 OPTIONAL = {"triton": "gpu"}  # imported only by the CUDA kernels, behind a check
 
 

@@ -411,8 +411,8 @@ def evaluated(world) -> dict:
 def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated, world):
     results, out = evaluated["results"], evaluated["out"]
     assert results["format"] == "synthlesion-evaluation/2"
-    assert results["budgets"] == ["2", "3"]
-    names = {f"{a}@b{b}" for a in ("real", "copy-paste", "handcrafted") for b in ("2", "3")}
+    assert results["budgets"] == ["b2", "b3"]
+    names = {f"{a}@{b}" for a in ("real", "copy-paste", "handcrafted") for b in ("b2", "b3")}
     assert set(results["arms"]) == names
     for arm in results["arms"].values():
         low, high = arm["dice_ci"]
@@ -426,12 +426,12 @@ def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated
     assert all(
         c["p_holm"] >= c["p_wilcoxon"] for c in comparisons.values() if c["p_wilcoxon"] is not None
     )
-    for budget in ("2", "3"):
+    for budget in ("b2", "b3"):
         conv = results["convergence"][budget]
         assert conv["doubled_steps"] == 8 and conv["test_dice_change_when_doubled"] is not None
     assert isinstance(results["real_converged"], bool)
     assert results["upper_reference"]["runs"] == 4 and results["upper_reference_dice"] is not None
-    assert set(results["threshold_floor"]) == {"2", "3"} and results["threshold_floor_dice"] >= 0
+    assert set(results["threshold_floor"]) == {"b2", "b3"} and results["threshold_floor_dice"] >= 0
     gate = results["gate"]
     assert 0 <= gate["rejected_share"]["handcrafted"] <= 1
     realism = results["realism"]

@@ -111,7 +111,7 @@ def test_report_shows_every_panel_of_the_protocol(tmp_path):
     tables = _tables(page)
     # arms per budget, with the threshold floor's row
     for budget in results["budgets"]:
-        table = tables[f"arms-b{budget}"]
+        table = tables[f"arms-{budget}"]
         for key, arm in results["arms"].items():
             if key.endswith(f"@b{budget}"):
                 name = key.rpartition("@b")[0]

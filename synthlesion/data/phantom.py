@@ -4,10 +4,19 @@ Anatomy is a set of implicit shapes (deformed ellipsoids, cylinders, tubes) eval
 millimetre coordinate grids, so one code path makes a 3D volume or a 2D axial slice (a grid
 whose z coordinate is a single plane through the same 3D anatomy). Each patient's anatomy is
 drawn once; a follow-up scan re-samples it under a small rigid motion and smooth deformation,
-with every lesion grown or shrunk. Lesions are smoothly deformed ellipsoids placed inside the
-organ (liver, brain parenchyma) at a safe distance from its border, with their own intensity
-and texture; the image edge is soft, the mask crisp. The shapes and the two anatomies live in
-:mod:`synthlesion.data.phantom_anatomy`; lesions, cases and the dataset writer here.
+with every lesion grown or shrunk. Lesions lie inside the organ (liver, brain parenchyma) at a
+safe distance from its border; the image edge is soft, the mask crisp. Two lesion models:
+
+* ``"types"`` (default): typed lesions (CT cyst, metastasis, HCC-like, infiltrative; MRI
+  glioma-like, metastasis, MS-like plaque) with heterogeneous interiors, irregular borders,
+  perilesional halos outside the mask, textures of their own and mass effect (the anatomy is
+  re-rendered pushed away from the lesions); see :mod:`synthlesion.data.phantom_lesion_types`.
+* ``"ellipsoid"``: the first phantom's smoothly deformed ellipsoids with one added contrast and a
+  smooth texture, kept byte for byte to reproduce older datasets and figures.
+
+The shapes and the two anatomies live in :mod:`synthlesion.data.phantom_anatomy`; the typed
+lesions in :mod:`synthlesion.data.phantom_lesion_types`; the ellipsoid lesions, cases and the
+dataset writer here.
 
 :func:`make_phantom_dataset` writes a Decathlon / nnU-Net v2 folder: ``dataset.json``,
 ``imagesTr/{case_id}_0000.nii.gz`` and ``labelsTr/{case_id}.nii.gz`` with labels
@@ -41,6 +50,12 @@ from synthlesion.data.phantom_anatomy import (
     mri_render,
     random_rotation,
 )
+from synthlesion.data.phantom_lesion_types import (
+    TypedLesion,
+    mass_effect_coords,
+    paint_typed_lesions,
+    place_typed_lesions,
+)
 from synthlesion.data.volume import Volume
 from synthlesion.errors import ConfigError, SynthlesionError
 from synthlesion.storage import atomic_write_text
@@ -48,6 +63,8 @@ from synthlesion.storage import atomic_write_text
 logger = logging.getLogger(__name__)
 
 Kind = Literal["ct", "mri"]
+LesionModel = Literal["types", "ellipsoid"]
+LESION_MODELS = ("types", "ellipsoid")
 ORGAN_LABEL = 1
 LESION_LABEL = 2
 ORGAN_NAME = {"ct": "liver", "mri": "brain"}
@@ -75,6 +92,8 @@ class PhantomLesion:
         volume_voxels: Number of voxels (pixels in 2D) labelled as this lesion.
         mean_intensity: Mean image value over them (HU for CT, arbitrary units for MRI).
         appearance: ``hypodense``/``hyperdense`` (CT) or ``hyperintense``/``necrotic`` (MRI).
+        lesion_type: The typed model's type (e.g. ``cyst``, ``glioma``); for the ellipsoid
+            model the appearance.
     """
 
     centre_voxel: tuple[float, ...]
@@ -83,6 +102,7 @@ class PhantomLesion:
     volume_voxels: int
     mean_intensity: float
     appearance: str
+    lesion_type: str
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +112,7 @@ class PhantomLesion:
             "volume_voxels": self.volume_voxels,
             "mean_intensity": round(self.mean_intensity, 2),
             "appearance": self.appearance,
+            "type": self.lesion_type,
         }
 
 
@@ -233,6 +254,29 @@ def _paint_lesions(
     return masks
 
 
+def _push_anatomy(
+    kind: str,
+    an: dict[str, Any],
+    p: Coords,
+    typed: list[TypedLesion],
+    time_point: int,
+    img: np.ndarray,
+    organ: np.ndarray,
+    region: np.ndarray,
+) -> None:
+    """Mass effect: re-render, in place, the anatomy near the lesions pushed away from them
+    (image, organ and lesion region from the same displaced coordinates)."""
+    pushed = mass_effect_coords(p, typed, time_point, img.shape)
+    if pushed is None:
+        return
+    box, q = pushed
+    if kind == "ct":
+        img[box], organ[box], _ = ct_render(q, an)
+        region[box] = organ[box]  # the same array for CT; kept explicit
+    else:
+        img[box], organ[box], region[box], _ = mri_render(q, an)
+
+
 # --- cases --------------------------------------------------------------------------------
 
 
@@ -310,6 +354,8 @@ def make_phantom_patient(
     n_lesions: int = 0,
     size: int | None = None,
     seed: int = 0,
+    lesion_model: LesionModel = "types",
+    mass_effect: bool = True,
 ) -> list[PhantomCase]:
     """Generate every scan of one phantom patient in memory.
 
@@ -323,12 +369,19 @@ def make_phantom_patient(
         n_lesions: Lesions wanted (fewer are placed if the organ has no room); 0 = healthy.
         size: In-plane voxels (default 96 in 3D, 128 in 2D); see :func:`phantom_geometry`.
         seed: Dataset seed.
+        lesion_model: ``"types"`` (typed lesions, see
+            :mod:`synthlesion.data.phantom_lesion_types`) or ``"ellipsoid"`` (the first
+            phantom's lesions, byte-identical to it). The anatomy is the same for both.
+        mass_effect: Typed model only: re-render the anatomy pushed away from the lesions;
+            False leaves it where it is (to compare, or for figures; the lesions are the same,
+            though one placed near the organ's surface may then be trimmed to it).
 
     Returns:
         One :class:`PhantomCase` per time point, ids ``{kind}{dims}d_p{index:03d}_t{tp}``.
     """
     size = _DEFAULT_SIZE.get(spatial_dims, 0) if size is None else size
     shape, spacing = phantom_geometry(kind, spatial_dims, size)
+    _check_model(lesion_model)
     if n_time_points < 1 or n_lesions < 0:
         raise ConfigError(
             f"phantom: n_time_points must be >= 1 and n_lesions >= 0, got "
@@ -352,6 +405,7 @@ def make_phantom_patient(
     header.set_xyzt_units("mm")
     patient_id = f"{kind}{spatial_dims}d_p{patient_index:03d}"
     specs: list[_LesionSpec] = []
+    typed: list[TypedLesion] = []
     cases = []
     for tp, seq in enumerate(scan_seqs):
         srng = np.random.default_rng(seq)
@@ -370,9 +424,22 @@ def make_phantom_patient(
             region = organ
         else:
             img, organ, region, level = mri_render(p, an)
-        if tp == 0 and n_lesions:
-            specs = _place_lesions(rng, kind, n_lesions, region, p, spacing, level, n_time_points)
-        masks = _paint_lesions(img, p, region, level, specs, tp)
+        if lesion_model == "ellipsoid":
+            if tp == 0 and n_lesions:
+                specs = _place_lesions(
+                    rng, kind, n_lesions, region, p, spacing, level, n_time_points
+                )
+            masks = _paint_lesions(img, p, region, level, specs, tp)
+            truths = [(s.radii, s.growth, s.appearance, s.appearance) for s in specs]
+        else:
+            if tp == 0 and n_lesions:
+                typed = place_typed_lesions(
+                    rng, kind, n_lesions, region, p, spacing, level, n_time_points
+                )
+            if mass_effect:
+                _push_anatomy(kind, an, p, typed, tp, img, organ, region)
+            masks = paint_typed_lesions(img, p, region, level, typed, tp, kind, spacing)
+            truths = [(s.radii, s.growth, s.appearance, s.name) for s in typed]
         image, noise_sd = _finish(kind, img, spacing, srng, an, p)
         label = organ.astype(np.uint8)
         for m in masks:
@@ -381,7 +448,7 @@ def make_phantom_patient(
         affine[:3, 3] = np.asarray(origin) + table + corner
         affine = np.round(affine, 4)
         truth = []
-        for spec, m in zip(specs, masks, strict=True):
+        for (radii, growth, appearance, lesion_type), m in zip(truths, masks, strict=True):
             n = int(m.sum())
             if n == 0:
                 continue
@@ -391,10 +458,11 @@ def make_phantom_patient(
                 PhantomLesion(
                     centre_voxel=tuple(float(v) for v in centroid),
                     centre_mm=tuple(float(v) for v in world[:3]),  # type: ignore[arg-type]
-                    radii_mm=tuple(r * spec.growth[tp] for r in spec.radii),  # type: ignore[arg-type]
+                    radii_mm=tuple(r * growth[tp] for r in radii),  # type: ignore[arg-type]
                     volume_voxels=n,
                     mean_intensity=float(image[m].mean()),
-                    appearance=spec.appearance,
+                    appearance=appearance,
+                    lesion_type=lesion_type,
                 )
             )
         cases.append(
@@ -412,6 +480,13 @@ def make_phantom_patient(
 
 
 # --- dataset ------------------------------------------------------------------------------
+
+
+def _check_model(lesion_model: str) -> None:
+    if lesion_model not in LESION_MODELS:
+        raise ConfigError(
+            f"phantom: lesion_model must be 'types' or 'ellipsoid', got {lesion_model!r}"
+        )
 
 
 def _check_args(kind: str, spatial_dims: int, size: int) -> None:
@@ -494,6 +569,7 @@ def make_phantom_dataset(
     followup_fraction: float = 0.5,
     max_lesions: int = 3,
     overwrite: bool = False,
+    lesion_model: LesionModel = "types",
 ) -> Path:
     """Write a phantom dataset (Decathlon / nnU-Net v2 layout) and return its dataset.json.
 
@@ -509,6 +585,9 @@ def make_phantom_dataset(
         followup_fraction: Share of patients with a second time point.
         max_lesions: Most lesions per patient.
         overwrite: Replace a different dataset already in ``out_dir``.
+        lesion_model: ``"types"`` (typed lesions) or ``"ellipsoid"`` (the first phantom's
+            lesions, to reproduce older datasets); recorded in the ``synthlesion`` block, so a
+            folder written with the other model is not reused.
 
     Raises:
         PhantomOutputError: ``out_dir`` holds a different dataset.json and ``overwrite`` is off.
@@ -517,6 +596,7 @@ def make_phantom_dataset(
     size = _DEFAULT_SIZE.get(spatial_dims, 0) if size is None else size
     n_patients = _DEFAULT_PATIENTS.get(spatial_dims, 0) if n_patients is None else n_patients
     shape, spacing = phantom_geometry(kind, spatial_dims, size)
+    _check_model(lesion_model)
     if n_patients < 1 or max_lesions < 1:
         raise ConfigError(
             f"phantom: n_patients and max_lesions must be >= 1, got {n_patients} and {max_lesions}"
@@ -542,6 +622,7 @@ def make_phantom_dataset(
         "lesion_fraction": lesion_fraction,
         "followup_fraction": followup_fraction,
         "max_lesions": max_lesions,
+        "lesion_model": lesion_model,
         "intensity_unit": "HU" if kind == "ct" else "a.u.",
         "lesion_labels": [LESION_LABEL],
         "organ_label": ORGAN_LABEL,
@@ -560,6 +641,7 @@ def make_phantom_dataset(
             n_lesions=n_lesions,
             size=size,
             seed=seed,
+            lesion_model=lesion_model,
         ):
             image = f"./imagesTr/{case.case_id}_0000.nii.gz"
             label = f"./labelsTr/{case.case_id}.nii.gz"

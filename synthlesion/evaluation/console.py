@@ -121,7 +121,7 @@ def arms_table(results: Mapping[str, Any]) -> list[str]:
     floors = results.get("threshold_floor")
     for budget, floor in (floors if isinstance(floors, Mapping) else {}).items():
         lines.append(
-            _row(f"threshold floor@b{budget}", floor if isinstance(floor, Mapping) else {})
+            _row(f"threshold floor@{budget}", floor if isinstance(floor, Mapping) else {})
         )
     upper = results.get("upper_reference")
     if isinstance(upper, Mapping):
@@ -142,7 +142,7 @@ def comparison_lines(results: Mapping[str, Any], *, brief: bool = False) -> list
             continue
         arm, against = str(key).partition("_vs_")[::2]
         if c.get("arm") is not None and c.get("budget") is not None:
-            arm = f"{c['arm']}@b{c['budget']}"
+            arm = f"{c['arm']}@{c['budget']}"
         lines.append(
             f"  {arm} − {c.get('against', against)}: ΔDice "
             f"{_interval(c.get('mean_diff'), [c.get('ci_low'), c.get('ci_high')], signed=True)}"

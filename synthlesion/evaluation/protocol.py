@@ -56,10 +56,15 @@ class Cell:
         return ALL if self.budget is None else str(self.budget)
 
     @property
+    def budget_label(self) -> str:
+        """``b4`` for a budget of 4 labelled lesion scans, ``all`` for every one."""
+        return ALL if self.budget is None else f"b{self.budget}"
+
+    @property
     def name(self) -> str:
         if self.reference:
             return f"{self.split}-upper"
-        return f"{self.split}-{'all' if self.budget is None else f'b{self.budget}'}"
+        return f"{self.split}-{self.budget_label}"
 
 
 def lesion_flags(cases: Sequence[Case]) -> dict[str, bool]:

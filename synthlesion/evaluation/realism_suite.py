@@ -305,6 +305,19 @@ def _copy_paste_lesions(
     return found
 
 
+def diffusion_model_dir(config: EvaluateConfig, folder: Path) -> Path | None:
+    """The diffusion model the cell's cases came from: trained in the cell, or the generator
+    folder named by the first given manifest."""
+    if not any(a.kind == "diffusion" for a in config.arms):
+        return None
+    if not config.diffusion.manifests:
+        return folder / "diffusion" / "model"
+    from synthlesion.provenance import read_manifest
+
+    path = read_manifest(config.diffusion.manifests[0], verify_files=False).generator.path
+    return Path(path) if path else None
+
+
 def _repaint(
     config: EvaluateConfig,
     pool: evdata.TrainingPool,
@@ -345,11 +358,8 @@ def _repaint(
         except Exception as exc:  # noqa: BLE001 - the figure is left out, the run goes on
             logger.warning("repaint: no hand-crafted fit (%s)", exc)
     pipeline = None
-    model_dir = folder / "diffusion" / "model"
-    if (
-        any(a.kind == "diffusion" for a in config.arms)
-        and (model_dir / "training_record.json").is_file()
-    ):
+    model_dir = diffusion_model_dir(config, folder)
+    if model_dir is not None and (model_dir / "training_record.json").is_file():
         from synthlesion.pipelines.lesion_synthesis import LesionSynthesisPipeline
 
         pipeline = LesionSynthesisPipeline.from_pretrained(str(model_dir), device=config.device)

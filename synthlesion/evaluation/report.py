@@ -173,8 +173,8 @@ def _table(
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    """``"real@b4"`` -> ``("real", "4")``."""
-    name, _, budget = key.rpartition("@b")
+    """``"real@b4"`` -> ``("real", "b4")``."""
+    name, _, budget = key.rpartition("@")
     return (name, budget) if name else (key, "")
 
 
@@ -214,9 +214,11 @@ def _kinds(results: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _budget_title(budget: str) -> str:
+    """``"b4"`` -> ``"budget 4 (labelled lesion scans per split)"``."""
     if budget == "all":
-        return "every labelled lesion scan"
-    return f"{budget} labelled lesion scan{'' if budget == '1' else 's'} per split"
+        return "every lesion scan labelled"
+    count = budget[1:] if budget.startswith("b") else budget
+    return f"budget {count} (labelled lesion scan{'' if count == '1' else 's'} per split)"
 
 
 def _comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -336,7 +338,7 @@ def verdict(results: Mapping[str, Any]) -> list[str]:
         lines.append("No convergence check in this run: the arms may be under-trained.")
     elif results.get("real_converged") is False:
         moved = ", ".join(
-            f"{_signed(_get(c, 'test_dice_change_when_doubled'))} at budget {b}"
+            f"{_signed(_get(c, 'test_dice_change_when_doubled'))} at {_budget_title(b)}"
             for b, c in convergence.items()
         )
         lines.append(
@@ -490,7 +492,7 @@ def _arms_section(results: Mapping[str, Any]) -> str:
             classes.append("ref")
         parts.append(
             f"<h3>Budget {html.escape(budget)}: {_budget_title(budget)}</h3>"
-            + _table(f"arms-b{html.escape(budget)}", head, rows, classes)
+            + _table(f"arms-{html.escape(budget)}", head, rows, classes)
         )
     if not parts:
         parts.append("<p>No arm was scored.</p>")
@@ -525,7 +527,7 @@ def _dice_chart(results: Mapping[str, Any]) -> Canvas | None:
     arms = _dict(results.get("arms"))
     series = []
     for name in names:
-        figures = [_dict(arms.get(f"{name}@b{b}")) for b in budgets]
+        figures = [_dict(arms.get(f"{name}@{b}")) for b in budgets]
         series.append(
             Series(
                 name,
@@ -548,7 +550,7 @@ def _dice_chart(results: Mapping[str, Any]) -> Canvas | None:
     upper = _num(_get(results, "upper_reference", "dice_mean"))
     return bar_chart(
         "Lesion Dice per arm and labelled budget",
-        [f"budget {b}" for b in budgets],
+        [_budget_title(b) for b in budgets],
         series,
         y_label="lesion Dice (higher is better)",
         bounds=(0.0, 1.0),
@@ -562,7 +564,7 @@ def _sensitivity_chart(results: Mapping[str, Any], budget: str) -> Canvas | None
     if not bins or not arms:
         return None
     return bar_chart(
-        f"Lesion-wise sensitivity by size, budget {budget}",
+        f"Lesion-wise sensitivity by size, {_budget_title(budget)}",
         [name for name, _ in arms],
         [Series(b, [_num(_get(a, "by_size", b, "sensitivity")) for _, a in arms]) for b in bins],
         y_label="sensitivity (higher is better)",
@@ -583,7 +585,7 @@ def _forest(results: Mapping[str, Any]) -> Canvas | None:
         [_num(c.get("ci_low")) for c in rows],
         [_num(c.get("ci_high")) for c in rows],
         x_label="Δ lesion Dice (95% hierarchical-bootstrap CI)",
-        groups=[f"budget {c['budget']}" for c in rows],
+        groups=[_budget_title(str(c['budget'])) for c in rows],
         notes=[f"p_holm {_g(c.get('p_holm'))}" for c in rows],
         width=720,
     )
@@ -677,7 +679,7 @@ def _convergence_section(results: Mapping[str, Any]) -> tuple[str, Canvas | None
     keys = list(convergence)
     chart = forest_plot(
         "Real arm: test Dice change when doubling the steps",
-        [f"budget {b}" for b in keys],
+        [_budget_title(b) for b in keys],
         [_num(_get(convergence, b, "test_dice_change_when_doubled")) for b in keys],
         [_num(_pair(_get(convergence, b, "ci"), 0)) for b in keys],
         [_num(_pair(_get(convergence, b, "ci"), 1)) for b in keys],
@@ -1120,8 +1122,8 @@ def write_report(
     ]
     arm_charts += [
         (
-            f"sensitivity_by_size_b{budget}",
-            f"Lesion-wise sensitivity by lesion size at budget {budget}",
+            f"sensitivity_by_size_{budget}",
+            f"Lesion-wise sensitivity by lesion size at {_budget_title(budget)}",
             _sensitivity_chart(results, budget),
         )
         for budget in _budgets(results)

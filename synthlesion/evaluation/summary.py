@@ -7,7 +7,8 @@ voxels). Comparisons: every arm against the reference (real) arm, and every diff
 against copy-paste and hand-crafted, as paired per-case differences (averaged over seeds) with
 the bootstrap interval, a Wilcoxon signed-rank p and Holm's correction over all comparisons of
 the run. The convergence check compares the real arm with twice its steps; the floor and the
-upper reference are scored like arms. Arm keys read ``<arm>@b<budget>``.
+upper reference are scored like arms. Budgets read ``b4`` (four labelled lesion scans) or
+``all``; arm keys ``<arm>@<budget>``.
 """
 
 from __future__ import annotations
@@ -128,15 +129,15 @@ def summarise_protocol(
     resamples, seed = config.metrics.bootstrap, config.metrics.seed
     reference = config.reference_arm
     real = next(a.name for a in config.arms if a.kind == "real")
-    budgets = sorted({o.cell.budget_name for o in outcomes if not o.cell.reference}, key=_order)
+    budgets = sorted({o.cell.budget_label for o in outcomes if not o.cell.reference}, key=_order)
     arms: dict[str, Any] = {}
     pairs: list[tuple[str, str, str]] = []  # (budget, arm, against)
     convergence = {}
     floors = {}
     for budget in budgets:
-        group = [o for o in outcomes if o.cell.budget_name == budget and not o.cell.reference]
+        group = [o for o in outcomes if o.cell.budget_label == budget and not o.cell.reference]
         for arm in config.arms:
-            arms[f"{arm.name}@b{budget}"] = _arm_figures(group, arm.name, bins, resamples, seed)
+            arms[f"{arm.name}@{budget}"] = _arm_figures(group, arm.name, bins, resamples, seed)
             if arm.name != reference:
                 pairs.append((budget, arm.name, reference))
         for arm in config.arms:
@@ -167,8 +168,8 @@ def summarise_protocol(
     upper_figures = _arm_figures(upper, real, bins, resamples, seed) if upper else None
     comparisons: dict[str, Any] = {}
     for budget, arm, against in pairs:
-        group = [o for o in outcomes if o.cell.budget_name == budget and not o.cell.reference]
-        key = f"{arm}@b{budget}_vs_{against}"
+        group = [o for o in outcomes if o.cell.budget_label == budget and not o.cell.reference]
+        key = f"{arm}@{budget}_vs_{against}"
         comparisons[key] = {
             "budget": budget,
             "arm": arm,
@@ -220,7 +221,7 @@ def summarise_protocol(
             {
                 "name": o.cell.name,
                 "split": o.cell.split,
-                "budget": o.cell.budget_name,
+                "budget": o.cell.budget_label,
                 "reference": o.cell.reference,
                 "data": o.data,
                 "build": o.build,
@@ -231,7 +232,7 @@ def summarise_protocol(
 
 
 def _order(budget: str) -> float:
-    return math.inf if budget == "all" else float(budget)
+    return math.inf if budget == "all" else float(budget[1:])
 
 
 def _pooled_gate(config: EvaluateConfig, outcomes: Sequence[CellOutcome]) -> dict[str, Any]:
