@@ -228,7 +228,13 @@ def test_handcrafted_cases_go_through_the_manifest_and_the_builder(world, tmp_pa
     # the same gate as diffusion lesions: each lesion's figures and reasons are recorded, and
     # the builder leaves a rejected case out
     assert all("z_std" in lesion for r in rows for lesion in r.quality["lesions"])
-    assert all(lesion["reasons"] for r in rows if r not in passed for lesion in r.quality["lesions"] if not lesion["passed"])  # noqa: E501
+    assert all(
+        lesion["reasons"]
+        for r in rows
+        if r not in passed
+        for lesion in r.quality["lesions"]
+        if not lesion["passed"]
+    )
     assert built.counts["train"]["synthetic"] == len(passed)
     assert all(g["violations"] == 0 for g in built.guards.values())
     record = json.loads((report.out_dir / "generator" / "training_record.json").read_text())

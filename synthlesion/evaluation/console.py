@@ -120,9 +120,7 @@ def arms_table(results: Mapping[str, Any]) -> list[str]:
         lines.append(_row(str(key), figures if isinstance(figures, Mapping) else {}))
     floors = results.get("threshold_floor")
     for budget, floor in (floors if isinstance(floors, Mapping) else {}).items():
-        lines.append(
-            _row(f"threshold floor@{budget}", floor if isinstance(floor, Mapping) else {})
-        )
+        lines.append(_row(f"threshold floor@{budget}", floor if isinstance(floor, Mapping) else {}))
     upper = results.get("upper_reference")
     if isinstance(upper, Mapping):
         lines.append(_row("upper reference", upper))

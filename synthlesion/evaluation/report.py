@@ -585,7 +585,7 @@ def _forest(results: Mapping[str, Any]) -> Canvas | None:
         [_num(c.get("ci_low")) for c in rows],
         [_num(c.get("ci_high")) for c in rows],
         x_label="Δ lesion Dice (95% hierarchical-bootstrap CI)",
-        groups=[_budget_title(str(c['budget'])) for c in rows],
+        groups=[_budget_title(str(c["budget"])) for c in rows],
         notes=[f"p_holm {_g(c.get('p_holm'))}" for c in rows],
         width=720,
     )
