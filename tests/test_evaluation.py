@@ -580,3 +580,27 @@ def test_the_same_harness_runs_on_3d_volumes(tmp_path):
     assert results["cells"][0]["data"]["train_synthetic"]["handcrafted"] == 3
     assert results["gate"]["cases"]["handcrafted"] == 3
     assert all(a["runs"] == 2 for a in results["arms"].values())
+
+
+@pytest.mark.slow
+def test_cases_the_segmenter_gate_refuses_leave_the_build_and_the_card_says_so(world, tmp_path):
+    out = tmp_path / "run"
+    config = tiny(world, out, gate={"min_dice": 1.0}, report=False)  # nothing reaches Dice 1
+    results = run_evaluation(config)
+    gate = results["gate"]
+    assert gate["rejected_by_segmenter"]["handcrafted"] > 0
+    assert gate["rejected"]["handcrafted"] == gate["cases"]["handcrafted"]
+    assert gate["kept"]["handcrafted"] == 0
+    cell = out / "cells" / "s0-all"
+    card = (cell / "build-gated" / "dataset_card.md").read_text()
+    assert "refused by a later gate" in card
+    built = json.loads((cell / "build-gated" / "build.json").read_text())
+    assert built["counts"]["train"]["synthetic"] == 0
+    assert (
+        built["counts"]["synthetic_excluded_by_later_gate"]
+        == gate["rejected_by_segmenter"]["handcrafted"]
+    )
+    recorded = json.loads((cell / "gate.json").read_text())["handcrafted"]["rejected_cases"]
+    assert all(r["dice"] < 1.0 for r in recorded)
+    # the arm trained without a single hand-crafted lesion, and says so
+    assert results["arms"]["handcrafted@all"]["new_lesion_patches"] == 0

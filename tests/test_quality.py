@@ -108,3 +108,13 @@ def test_the_gate_rejects_untouched_healthy_tissue_presented_as_a_lesion(tmp_pat
         )  # fmt: skip
         real_passed += not any(r.startswith("|contrast|") for r in result.reasons)
     assert real_passed >= 0.7 * len(lesion_cases[6:])  # rimmed lesions can have little net contrast
+
+
+def test_the_seam_score_of_a_slice_stored_with_a_third_axis_of_one():
+    rng = np.random.default_rng(1)
+    source = (60 + rng.normal(0, 5, (40, 40)))[..., None]  # (X, Y, 1): one slice as a volume
+    region = blob(radius=8)[..., None]
+    hard = source.copy()
+    hard[region] += 80
+    assert seam_score(source, source, region) == pytest.approx(1.0)
+    assert seam_score(source, hard, region) > 2.0

@@ -50,12 +50,8 @@ from synthlesion.data.phantom_anatomy import (
     mri_render,
     random_rotation,
 )
-from synthlesion.data.phantom_lesion_types import (
-    TypedLesion,
-    mass_effect_coords,
-    paint_typed_lesions,
-    place_typed_lesions,
-)
+from synthlesion.data.phantom_lesion_render import mass_effect_coords, paint_typed_lesions
+from synthlesion.data.phantom_lesion_types import TypedLesion, place_typed_lesions
 from synthlesion.data.volume import Volume
 from synthlesion.errors import ConfigError, SynthlesionError
 from synthlesion.storage import atomic_write_text

@@ -31,8 +31,8 @@ import tempfile
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +122,9 @@ class BuildConfig:
         require_known_mask_source: Refuse a transplanted mask whose real source is unknown.
         include_rejected: Also build synthetic cases that failed their quality gate
             (excluded by default; counted in the dataset card either way).
+        excluded: Synthetic case id -> reason, for cases a later gate refused (e.g. the
+            evaluation's segmenter gate); they count as failing their quality gate, and the
+            dataset card says how many a later gate left out.
         rejected_weight: Sampling weight of an included rejected case relative to a passed
             synthetic case (0..1].
         name: Dataset name written into dataset.json (``None``: the real dataset's own name,
@@ -139,6 +142,7 @@ class BuildConfig:
     require_known_mask_source: bool = False
     include_rejected: bool = False
     rejected_weight: float = 1.0
+    excluded: Mapping[str, str] = field(default_factory=dict)
     name: str | None = None
     patient_pattern: str | None = None
 
@@ -193,6 +197,7 @@ class _Scan:
     channels: int | None
     rows_without_voxels: int
     rejected_by_quality: int = 0
+    excluded_by_later_gate: int = 0
 
 
 class DatasetBuilder:
@@ -298,6 +303,7 @@ class DatasetBuilder:
                     str(case.mask) if case.mask is not None else None,
                 )
         eligible, without_voxels, rejected, manifests = 0, 0, 0, []
+        excluded = 0
         evaluation_files = EvaluationContent(real) if not self.config.verify_files else None
         with (
             open(work / "ids.txt", "w", encoding="utf-8") as ids,
@@ -344,6 +350,9 @@ class DatasetBuilder:
                         if not ok:
                             continue
                     passed = row.quality.get("passed", True) is True  # "false", 0, null: failed
+                    if passed and row.case_id in self.config.excluded:
+                        passed = False  # refused by a later gate
+                        excluded += 1
                     if not passed:
                         rejected += 1
                         if not self.config.include_rejected:
@@ -400,6 +409,7 @@ class DatasetBuilder:
             layout.channels,
             without_voxels,
             rejected,
+            excluded,
         )
 
     # -- pass 2: writing ---------------------------------------------------------------
@@ -606,6 +616,7 @@ class DatasetBuilder:
         counts["synthetic_eligible"] = scan.eligible
         counts["train"]["synthetic"] = train[1] if train else scan.eligible
         counts["synthetic_rejected_by_quality"] = scan.rejected_by_quality
+        counts["synthetic_excluded_by_later_gate"] = scan.excluded_by_later_gate
         counts["synthetic_rejected_included"] = (
             scan.rejected_by_quality if self.config.include_rejected else 0
         )
@@ -688,8 +699,15 @@ def _notes(scan: _Scan, n_syn: int, config: BuildConfig) -> list[str]:
             "files of a real val/test scan's size were still compared with those scans"
         )
     if scan.rejected_by_quality:
+        later = (
+            f" ({scan.excluded_by_later_gate} of them refused by a later gate: "
+            + "; ".join(sorted(set(config.excluded.values()))[:3])
+            + ")"
+            if scan.excluded_by_later_gate
+            else ""
+        )
         notes.append(
-            f"{scan.rejected_by_quality} synthetic case(s) failed their quality gate: "
+            f"{scan.rejected_by_quality} synthetic case(s) failed their quality gate{later}: "
             + (
                 f"included with weight {config.rejected_weight:g} (include_rejected)"
                 if config.include_rejected

@@ -147,6 +147,23 @@ def run_cell(
         train(real_arm, seed, [], real_arm.name, steps)
     segmenter = _load_segmenter(config, folder, real_arm.name, config.seeds[0], pool)
     gate, kept = _gate(config, pool, segmenter, folder, manifests)
+    refused = {
+        c["case_id"]: f"the real-only segmenter's Dice below {config.gate.min_dice}"
+        for record in gate.values()
+        for c in record["rejected_cases"]
+    }
+    if refused and config.gate.apply:  # the build the arms train from, and its card, say so
+        gated = folder / "build-gated"
+        record = evdata.build_dataset(
+            data,
+            splits,
+            [m for ms in manifests.values() for m in ms],
+            gated,
+            reuse=(gated / "build.json").is_file(),
+            include_rejected=config.include_rejected,
+            excluded=refused,
+        )
+        build = gated
     for arm in arms:
         if arm.kind == "real":
             continue
@@ -347,14 +364,14 @@ def _gate(
             if source is not None:
                 painted &= ~np.isin(source.label, pool.lesion_values)
             if not painted.any():
-                rejected.append({"case_id": case.case_id, "reason": "no painted lesion"})
+                rejected.append({"case_id": case.case_id, "dice": 0.0, "note": "no painted lesion"})
                 dices.append(0.0)
                 continue
             pred = segmenter.predict(case.image, config.device)
             dice = _local_dice(pred, painted)
             dices.append(dice)
             if dice < config.gate.min_dice:
-                rejected.append({"case_id": case.case_id, "reason": f"segmenter Dice {dice:.2f}"})
+                rejected.append({"case_id": case.case_id, "dice": round(dice, 4)})
         out = {c["case_id"] for c in rejected}
         kept[kind] = [
             c
@@ -374,7 +391,7 @@ def _gate(
             "kept": len(kept[kind]),
             "dice_median": float(np.median(dices)) if dices else None,
             "min_dice": config.gate.min_dice,
-            "rejected_cases": rejected[:50],
+            "rejected_cases": rejected,  # by the segmenter (the manifest lists its own)
         }
     atomic_write_json(folder / "gate.json", jsonable(record))
     return record, kept
@@ -415,7 +432,15 @@ def _run_arm(
         return data
     cfg = config.segmenter
     batches = ArmBatches(
-        pool.real, new, arm, cfg, seed, pool.lesion_values, pool.organ_values, steps=steps
+        pool.real,
+        new,
+        arm,
+        cfg,
+        seed,
+        pool.lesion_values,
+        pool.organ_values,
+        steps=steps,
+        modality=pool.modality,
     )
     label = f"{cell.name}/{name}/seed {seed}"
     started = time.perf_counter()

@@ -6,7 +6,7 @@ A YAML file mirrors :class:`EvaluateConfig`::
     out_dir: runs/eval
     data: data/liver/dataset.json            # real cases
     splits: [data/liver/splits-0.json, data/liver/splits-1.json]   # locked patient splits
-    budgets: [4, 16]                         # labelled lesion scans of the train side
+    budgets: [4, 16]                         # labelled lesion patients of the train side
     diffusion: {train_config: configs/train_phantom2d_cpu.yaml}   # trained per split x budget
     arms:
       - {name: real, kind: real}
@@ -262,9 +262,11 @@ class ProtocolConfig:
     """How many labelled scans, which references, and the convergence check.
 
     Attributes:
-        budgets: Labelled lesion scans of each split's train side per budget (a nested draw:
-            the 4 of budget 4 are among the 16 of budget 16); ``None``: all of them, one
-            budget. Healthy train scans are kept whole in every budget.
+        budgets: Labelled lesion patients of each split's train side per budget, with all
+            their scans (a nested draw: the 4 of budget 4 are among the 16 of budget 16);
+            ``None``: all of them, one budget. The train side's lesion patients outside the
+            budget are left out whole (their scans are unlabelled in this scenario); the
+            healthy train patients are kept in every budget.
         upper_reference: Also train the real arm with every lesion scan of the train side
             labelled (the all-labelled upper reference).
         threshold_floor: Score the intensity-threshold rule (``|x - organ median| > t`` inside

@@ -156,7 +156,7 @@ def convergence_line(results: Mapping[str, Any]) -> str:
     if not isinstance(convergence, Mapping) or not convergence:
         return "convergence: not checked in this run"
     changes = ", ".join(
-        f"b{budget} "
+        f"{budget} "
         + _interval(
             c.get("test_dice_change_when_doubled") if isinstance(c, Mapping) else None,
             c.get("ci") if isinstance(c, Mapping) else None,

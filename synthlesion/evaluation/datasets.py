@@ -56,12 +56,12 @@ def require_real_source(data: str | Path, *, patient_pattern: str | None = None)
         raise SyntheticTestDataError(
             f"{path}: is a synthetic set (it holds a synthetic-case manifest); the test split "
             "must come from the real dataset: set data to the real dataset.json and list the "
-            "synthetic set under diffusion_manifests"
+            "synthetic set under diffusion.manifests"
         )
     if path.is_file() and path.suffix == ".jsonl" and _is_manifest(path):
         raise SyntheticTestDataError(
             f"{path}: is a synthetic-case manifest; the test split must come from the real "
-            "dataset (list the manifest under diffusion_manifests instead)"
+            "dataset (list the manifest under diffusion.manifests instead)"
         )
     cases = load_cases(path, patient_pattern=patient_pattern)
     synthetic = [c.case_id for c in cases if c.origin != "real"]
@@ -83,8 +83,11 @@ def build_dataset(
     *,
     reuse: bool,
     include_rejected: bool = False,
+    excluded: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the guarded dataset; returns its build record.
+
+    ``excluded`` (case id -> reason) leaves out synthetic cases a later gate refused.
 
     Raises:
         SyntheticTestDataError: a guard found synthetic content in an evaluation split.
@@ -97,7 +100,10 @@ def build_dataset(
     if reuse and (out / "build.json").is_file():
         return read_build_record(out)
     config = BuildConfig(
-        name="synthlesion-evaluation", link_mode="none", include_rejected=include_rejected
+        name="synthlesion-evaluation",
+        link_mode="none",
+        include_rejected=include_rejected,
+        excluded=dict(excluded or {}),
     )
     try:
         DatasetBuilder(data, splits, [Path(m) for m in manifests], config).build(out)

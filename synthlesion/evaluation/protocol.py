@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from synthlesion.data.cases import Case
-from synthlesion.data.splits import SIDES, Splits, load_splits, save_splits
+from synthlesion.data.splits import SIDES, SplitError, Splits, load_splits, save_splits
 from synthlesion.evaluation.config import EvaluateConfig
 from synthlesion.evaluation.errors import EvaluationConfigError
 from synthlesion.masks.lesions import case_has_lesion
@@ -57,7 +57,7 @@ class Cell:
 
     @property
     def budget_label(self) -> str:
-        """``b4`` for a budget of 4 labelled lesion scans, ``all`` for every one."""
+        """``b4`` for a budget of 4 labelled lesion patients, ``all`` for every one."""
         return ALL if self.budget is None else f"b{self.budget}"
 
     @property
@@ -97,7 +97,10 @@ def plan_cells(config: EvaluateConfig, cases: Sequence[Case]) -> list[Cell]:
     cells: list[Cell] = []
     for index, path in enumerate(config.splits):
         splits = load_splits(path)
-        splits.require_matches(list(cases))
+        try:
+            splits.require_matches(list(cases))
+        except SplitError as exc:
+            raise SplitError(f"{path}: does not fit {config.data}: {exc}") from None
         name = f"s{index}"
         lesion_patients = [p for p in splits.patients("train") if patients_with_lesion.get(p)]
         test_lesion = sum(flags.get(c, False) for c in splits.case_ids(config.test_split))

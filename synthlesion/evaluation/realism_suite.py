@@ -289,6 +289,7 @@ def _copy_paste_lesions(
         config.metrics.seed,
         pool.lesion_values,
         pool.organ_values,
+        modality=pool.modality,
     )
     found = _LesionSet()
     for _ in range(4 * limit):

@@ -77,10 +77,24 @@ def build_network(cfg: SegmenterConfig, spatial_dims: int) -> torch.nn.Module:
     )
 
 
-def augmentation_recipe(seed: int, spatial_dims: int) -> Any:
+ELASTIC_CONTROL_POINTS = 5
+ELASTIC_MAX_MM = 4.0
+
+
+def augmentation_recipe(
+    seed: int, spatial_dims: int, patch_mm: Sequence[float] | None = None
+) -> Any:
     """The augmentation every arm trains with (``synthlesion.augment``): flips, a small affine
     (rotation within 15 degrees in-plane, scale 0.85-1.15), a light elastic warp, contrast,
-    gamma and noise. Label maps are resampled with nearest neighbour."""
+    gamma and noise. Label maps are resampled with nearest neighbour.
+
+    Args:
+        seed: Seed of the transforms' generator.
+        spatial_dims: 2 or 3.
+        patch_mm: The smallest extent of a patch per axis in mm (``(n - 1) * spacing``): the
+            elastic warp's peak stays within 0.45 of its control-node spacing (no folding),
+            at most 4 mm.
+    """
     from synthlesion.augment import (
         Compose,
         RandAffine,
@@ -92,11 +106,20 @@ def augmentation_recipe(seed: int, spatial_dims: int) -> Any:
     )
 
     rotate = (-15.0, 15.0) if spatial_dims == 2 else ((-15.0, 15.0), (-5.0, 5.0), (-5.0, 5.0))
+    peak = ELASTIC_MAX_MM
+    if patch_mm:
+        peak = min(peak, 0.45 * min(patch_mm) / (ELASTIC_CONTROL_POINTS - 1))
     return Compose(
         [
             RandFlip("image", "label", p=0.5),
             RandAffine("image", "label", rotate=rotate, scale=(0.85, 1.15), p=0.7),
-            RandElastic("image", "label", control_points=5, max_displacement=(0.0, 4.0), p=0.3),
+            RandElastic(
+                "image",
+                "label",
+                control_points=ELASTIC_CONTROL_POINTS,
+                max_displacement=(0.0, peak),
+                p=0.3,
+            ),
             RandContrastBrightness("image", contrast=(0.8, 1.2), brightness=(-0.1, 0.1), p=0.5),
             RandGamma("image", log_gamma=(-0.2, 0.2), p=0.3),
             RandGaussianNoise("image", std=(0.0, 0.05), p=0.5),
@@ -176,6 +199,7 @@ class ArmBatches:
         lesion_values: Label values of lesions.
         organ_values: Label values of the tissue copy-paste pastes into.
         steps: Batches to draw (default ``cfg.steps``).
+        modality: The scans' modality (the foreground rule where there is no organ label).
     """
 
     def __init__(
@@ -188,6 +212,7 @@ class ArmBatches:
         lesion_values: Sequence[int],
         organ_values: Sequence[int],
         steps: int | None = None,
+        modality: str = "unknown",
     ) -> None:
         if not real:
             raise EvaluationError(f"arm {arm.name}: no labelled real training case")
@@ -197,6 +222,7 @@ class ArmBatches:
         self.lesion_values = tuple(lesion_values)
         self.organ_values = tuple(organ_values)
         self.rng = np.random.default_rng([seed, 11])
+        self.modality = modality
         self.spatial_dims = self.real[0].image.ndim
         found = [_lesion_components(c, self.lesion_values) for c in self.real]
         self.real_lesions = [f for f in found if f is not None]
@@ -214,21 +240,28 @@ class ArmBatches:
                     arm.name,
                     arm.kind,
                 )
-        self.transform = augmentation_recipe(seed, self.spatial_dims) if cfg.augment else None
+        patch = cfg.patch_size or self.real[0].image.shape
+        patch_mm = [(p - 1) * min(c.spacing[a] for c in self.real) for a, p in enumerate(patch)]
+        self.transform = (
+            augmentation_recipe(seed, self.spatial_dims, patch_mm) if cfg.augment else None
+        )
         self.paste = None
         if arm.kind == "copy_paste":
             from synthlesion.augment import LesionCopyPaste
 
+            # pasted into the organ, or where there is no organ label into the scan's
+            # foreground (the placement rule of the generators: never the air)
             self.paste = LesionCopyPaste(
                 "image",
-                "label",
+                ["label", "tissue"],
                 lesion_key="label",
-                tissue_key="label",
-                tissue_values=self.organ_values or None,
+                tissue_key="tissue",
+                tissue_values=(1,),
                 lesion_values=self.lesion_values,
                 intensity_matching="mean_std",
                 seed=seed,
             )
+            self.tissue = {id(c): self._tissue(c) for c in self.real}
         shapes = {c.image.shape for c in [*self.real, *self.new]}
         if cfg.patch_size is None and len(shapes) > 1:
             raise EvaluationConfigError(
@@ -247,21 +280,34 @@ class ArmBatches:
         for _ in range(self.steps):
             yield self._batch()
 
+    def _tissue(self, case: ArrayCase) -> np.ndarray:
+        """Where a lesion may be pasted: the organ labels, else the scan's foreground."""
+        if self.organ_values:
+            return np.isin(case.label, (*self.organ_values, *self.lesion_values))
+        from synthlesion.data.intensity import foreground_mask
+
+        raw = case.raw if case.raw is not None else case.image
+        return foreground_mask(raw, self.modality)
+
     # -- drawing -------------------------------------------------------------------------
-    def _crop_at(self, case: ArrayCase, centre: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _crop(self, array: np.ndarray, centre: Sequence[int], edge: bool) -> np.ndarray:
+        """The patch of ``array`` centred at ``centre`` (kept inside the array; an array
+        smaller than the patch is padded at its end, by edge values or zeros)."""
         patch = self.cfg.patch_size
         if patch is None:
-            return case.image, case.label
-        shape = case.image.shape
+            return array
+        shape = array.shape
         pads = [(0, max(0, p - s)) for p, s in zip(patch, shape, strict=True)]
-        image = np.pad(case.image, pads, mode="edge") if any(b for _, b in pads) else case.image
-        label = np.pad(case.label, pads) if any(b for _, b in pads) else case.label
+        if any(b for _, b in pads):
+            array = np.pad(array, pads, mode="edge") if edge else np.pad(array, pads)
         start = [
             int(np.clip(c - p // 2, 0, max(s, p) - p))
             for c, p, s in zip(centre, patch, shape, strict=True)
         ]
-        box = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
-        return image[box], label[box]
+        return array[tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))]
+
+    def _crop_at(self, case: ArrayCase, centre: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        return self._crop(case.image, centre, True), self._crop(case.label, centre, False)
 
     def _lesion_patch(self, pool: list[_Lesions]) -> tuple[np.ndarray, np.ndarray, ArrayCase]:
         found = pool[self.rng.integers(len(pool))]
@@ -269,16 +315,19 @@ class ArmBatches:
         centre = component[self.rng.integers(len(component))]
         return (*self._crop_at(found.case, centre), found.case)
 
-    def _negative_patch(self, organ: bool = False) -> tuple[np.ndarray, np.ndarray, ArrayCase]:
-        """A patch with no lesion voxel (``organ``: centred on a tissue voxel, for pasting)."""
-        image = label = case = None
+    def _negative_centre(
+        self, organ: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, ArrayCase, Sequence[int]]:
+        """A patch with no lesion voxel and its centre (``organ``: centred on a voxel where a
+        lesion may be pasted)."""
+        image = label = case = centre = None
         for attempt in range(20):
             use_healthy = self.healthy and attempt >= 10
             pool = self.healthy if use_healthy else self.real
             case = pool[self.rng.integers(len(pool))]
             centre = None
-            if organ and self.organ_values:
-                tissue = np.argwhere(np.isin(case.label, self.organ_values))
+            if organ:
+                tissue = np.argwhere(self.tissue[id(case)])
                 if len(tissue):
                     centre = tissue[self.rng.integers(len(tissue))]
             if centre is None:
@@ -286,14 +335,24 @@ class ArmBatches:
             image, label = self._crop_at(case, centre)
             if not np.isin(label, self.lesion_values).any():
                 break
-        return image, label, case  # type: ignore[return-value]
+        return image, label, case, centre  # type: ignore[return-value]
+
+    def _negative_patch(self) -> tuple[np.ndarray, np.ndarray, ArrayCase]:
+        """A patch with no lesion voxel, from any labelled real scan (healthy ones included)."""
+        return self._negative_centre()[:3]
 
     def _pasted_patch(self) -> tuple[np.ndarray, np.ndarray, ArrayCase] | None:
-        image, label, case = self._negative_patch(organ=True)
+        """A lesion-free patch with a real labelled lesion pasted into its tissue (``None``
+        when the lesion found no place)."""
+        image, label, case, centre = self._negative_centre(organ=True)
         donor_image, donor_label, donor = self._lesion_patch(self.real_lesions)
+        tissue = self._crop(self.tissue[id(case)], centre, False)
         data = {
             "image": torch.from_numpy(np.stack([image, donor_image]))[:, None].float(),
             "label": torch.from_numpy(np.stack([label, donor_label]).astype(np.int64))[:, None],
+            "tissue": torch.from_numpy(np.stack([tissue, np.zeros_like(tissue)]).astype(np.int64))[
+                :, None
+            ],
             "spacing": torch.tensor(
                 [case.spacing[: self.spatial_dims], donor.spacing[: self.spatial_dims]],
                 dtype=torch.float64,

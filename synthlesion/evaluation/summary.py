@@ -271,6 +271,11 @@ def _pooled_realism(outcomes: Sequence[CellOutcome]) -> dict[str, Any] | None:
         return values[0]
 
     pooled = merge(records)
+    # counts add up over the cells (the figures above are means over them)
+    pooled["lesions"] = {
+        k: int(sum(r.get("lesions", {}).get(k, 0) for r in records))
+        for k in (records[0].get("lesions") or {})
+    }
     pooled["cells"] = [o.cell.name for o in outcomes if o.realism]
     return pooled
 

@@ -11,6 +11,7 @@ Three figures per lesion:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -96,7 +97,11 @@ def seam_score(source: np.ndarray, synthetic: np.ndarray, paste_region: np.ndarr
         return 1.0
 
     def gradient(array: np.ndarray) -> np.ndarray:
-        parts = np.gradient(array.astype(np.float64))
+        # along the axes with two or more voxels only (a 2D slice stored as (X, Y, 1))
+        axes = [a for a, n in enumerate(array.shape) if n >= 2]
+        if not axes:
+            return np.zeros(array.shape)
+        parts = np.gradient(array.astype(np.float64), axis=axes)
         parts = list(parts) if isinstance(parts, (list, tuple)) else [parts]
         return np.sqrt(sum(p**2 for p in parts))
 
@@ -186,12 +191,23 @@ class QualityGate:
         min_contrast_fraction: With a reference of real lesions, the smallest allowed
             |contrast| is also this share of the real lesions' median |contrast| (untouched
             tissue presented as a lesion has a contrast near 0 and fails).
+        min_reference_lesions: Below this many real lesions in the reference, the z bound
+            widens by ``sqrt(min_reference_lesions / n)`` (a spread measured on three lesions
+            would otherwise refuse most honest variation; gross outliers still fail).
     """
 
     max_abs_z: float = 3.0
     max_seam: float = 2.0
     min_abs_contrast: float = 0.0
     min_contrast_fraction: float = 0.2
+    min_reference_lesions: int = 10
+
+    def z_bound(self, reference: RealLesionReference | None) -> float:
+        """The largest allowed |z|: ``max_abs_z``, widened for a small reference."""
+        n = len(reference.means) if reference is not None else 0
+        if 0 < n < self.min_reference_lesions:
+            return self.max_abs_z * math.sqrt(self.min_reference_lesions / n)
+        return self.max_abs_z
 
     def contrast_floor(self, reference: RealLesionReference | None) -> float:
         """The smallest |contrast| a lesion must show (image units)."""
@@ -246,10 +262,11 @@ def evaluate_lesion(
     # every figure must be finite: a NaN compares False with any threshold and would pass
     figures = {**{f"lesion_{k}": v for k, v in asdict(stats).items()}, **zscores, "seam": seam}
     reasons = [f"{k} is not finite ({v})" for k, v in figures.items() if not np.isfinite(v)]
+    bound = gate.z_bound(reference)
     reasons += [
-        f"{k}={v:.2f} beyond {gate.max_abs_z}"
+        f"{k}={v:.2f} beyond {bound:.2f}"
         for k, v in zscores.items()
-        if np.isfinite(v) and abs(v) > gate.max_abs_z
+        if np.isfinite(v) and abs(v) > bound
     ]
     if seam > gate.max_seam:
         reasons.append(f"seam={seam:.2f} above {gate.max_seam}")
