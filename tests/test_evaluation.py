@@ -604,3 +604,37 @@ def test_cases_the_segmenter_gate_refuses_leave_the_build_and_the_card_says_so(w
     assert all(r["dice"] < 1.0 for r in recorded)
     # the arm trained without a single hand-crafted lesion, and says so
     assert results["arms"]["handcrafted@all"]["new_lesion_patches"] == 0
+
+
+def test_copy_paste_finds_a_place_in_scans_without_an_organ_label():
+    """MRI-like scans labelled 0 background / 3 lesion only: lesions are pasted into the scan's
+    foreground (never the air), as the generators place theirs."""
+    from synthlesion.evaluation.config import ArmConfig, SegmenterConfig
+    from synthlesion.evaluation.segmenter import ArmBatches, ArrayCase
+
+    rng = np.random.default_rng(0)
+    grid = np.mgrid[:48, :48]
+    head = ((grid[0] - 24) ** 2 + (grid[1] - 24) ** 2) < 20**2
+    cases = []
+    for index in range(6):
+        raw = np.where(head, 300.0, 0.0) + rng.normal(0, 5, (48, 48)) * head
+        label = np.zeros((48, 48), np.int16)
+        if index < 3:
+            lesion = ((grid[0] - 20 - index) ** 2 + (grid[1] - 26) ** 2) < 16
+            raw[lesion] += 200
+            label[lesion] = 3
+        image = (raw / 300.0 - 0.5).astype(np.float32)
+        cases.append(ArrayCase(f"c{index}", image, label, (1.0, 1.0), raw=raw.astype(np.float32)))
+    cfg = SegmenterConfig(steps=20, batch_size=6, patch_size=(24, 24), augment=False)
+    batches = ArmBatches(
+        cases, [], ArmConfig("cp", "copy_paste", 1.0), cfg, 0, (3,), (), modality="MRI"
+    )
+    for _image, target in batches:
+        pass
+    counts = batches.counts.to_dict()
+    assert counts["new_lesion_patches"] >= 0.8 * 20 * 2  # two lesion patches per batch
+    assert counts["paste_failed"] <= 0.2 * 20 * 2
+    pasted = batches._pasted_patch()
+    assert pasted is not None
+    image, label, case = pasted
+    assert (label == 3).any()

@@ -117,16 +117,21 @@ def run_cell(
         manifests["handcrafted"] = [_handcrafted(config, data, splits, folder, progress)]
     if "diffusion" in kinds:
         manifests["diffusion"] = _diffusion(config, data, splits, folder, progress, step_progress)
+
+    def build_into(into: Path, excluded: dict[str, str] | None = None) -> dict[str, Any]:
+        return evdata.build_dataset(
+            data,
+            splits,
+            [m for ms in manifests.values() for m in ms],
+            into,
+            reuse=(into / "build.json").is_file(),
+            include_rejected=config.include_rejected,
+            excluded=excluded,
+        )
+
     build = folder / evdata.BUILD_DIR
     _log(progress, f"{cell.name}: building the guarded dataset")
-    record = evdata.build_dataset(
-        data,
-        splits,
-        [m for ms in manifests.values() for m in ms],
-        build,
-        reuse=(build / "build.json").is_file(),
-        include_rejected=config.include_rejected,
-    )
+    record = build_into(build)
     pool = evdata.load_training_pool(build, evdata.generator_kinds(manifests), normaliser)
     test = evdata.GuardedTestSet(build, config.test_split, normaliser)
     test_cases = list(test.cases())
@@ -149,21 +154,12 @@ def run_cell(
     gate, kept = _gate(config, pool, segmenter, folder, manifests)
     refused = {
         c["case_id"]: f"the real-only segmenter's Dice below {config.gate.min_dice}"
-        for record in gate.values()
-        for c in record["rejected_cases"]
+        for verdicts in gate.values()
+        for c in verdicts["rejected_cases"]
     }
-    if refused and config.gate.apply:  # the build the arms train from, and its card, say so
-        gated = folder / "build-gated"
-        record = evdata.build_dataset(
-            data,
-            splits,
-            [m for ms in manifests.values() for m in ms],
-            gated,
-            reuse=(gated / "build.json").is_file(),
-            include_rejected=config.include_rejected,
-            excluded=refused,
-        )
-        build = gated
+    if refused and config.gate.apply and not config.include_rejected:
+        build = folder / "build-gated"  # the build the arms train from; its card says so
+        record = build_into(build, refused)
     for arm in arms:
         if arm.kind == "real":
             continue
@@ -219,6 +215,8 @@ def run_cell(
             ),
             "val_cases": len(val_cases),
             "modality": pool.modality,
+            "image_channels": pool.image_channels,
+            "image_channels_used": 1,  # the segmenter reads the first channel
         },
         build={
             "dir": str(build),

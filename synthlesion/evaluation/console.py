@@ -146,6 +146,11 @@ def comparison_lines(results: Mapping[str, Any], *, brief: bool = False) -> list
             f"{_interval(c.get('mean_diff'), [c.get('ci_low'), c.get('ci_high')], signed=True)}"
             f", p_holm {_p(c.get('p_holm'))} (Wilcoxon p {_p(c.get('p_wilcoxon'))}, "
             f"{c.get('pairs', 'n/a')} pairs)"
+            + (
+                "  [trained on no lesion of its own: every one failed the gate or found no place]"
+                if c.get("arm_new_lesion_share") == 0
+                else ""
+            )
         )
     return lines
 

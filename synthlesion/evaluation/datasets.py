@@ -116,13 +116,18 @@ def build_dataset(
 
 @dataclass(frozen=True)
 class TrainingPool:
-    """The build's training cases in memory, split by origin."""
+    """The build's training cases in memory, split by origin.
+
+    The segmenter reads the first image channel (``channel_names["0"]``); ``image_channels``
+    says how many the cases hold (the others are left out, and the results say so).
+    """
 
     real: list[ArrayCase]
     synthetic: dict[str, list[ArrayCase]]  # generator kind -> cases
     lesion_values: tuple[int, ...]
     organ_values: tuple[int, ...]
     modality: str
+    image_channels: int = 1
 
     def real_by_id(self) -> dict[str, ArrayCase]:
         return {c.case_id: c for c in self.real}
@@ -181,7 +186,17 @@ def load_training_pool(
             synthetic.setdefault(kind, []).append(case)
         else:
             real.append(case)
-    return TrainingPool(real, synthetic, lesion_values, organ_values, modality)
+    channels = max((len(item["image"]) for item in dataset.items), default=1)
+    if channels > 1:
+        logger.warning(
+            "%s: the cases hold %d image channels (%s); the evaluation's segmenter reads the "
+            "first (%s) only",
+            build,
+            channels,
+            ", ".join(str(v) for v in spec.get("channel_names", {}).values()),
+            modality,
+        )
+    return TrainingPool(real, synthetic, lesion_values, organ_values, modality, channels)
 
 
 class GuardedTestSet:

@@ -104,7 +104,7 @@ def texture_shape_features(
         raise ValueError(f"image shape {image.shape} and mask shape {mask.shape} differ")
     if image.ndim not in (2, 3):
         raise ValueError(f"texture_shape_features needs a 2D or 3D image, got {image.ndim}D")
-    spacing = _check_spacing(spacing, image.ndim)
+    spacing = check_spacing(spacing, image.ndim)
     mask = mask != 0 if mask.dtype != bool else mask
     box = ndimage.find_objects(mask.view(np.uint8))
     if not box or box[0] is None:
@@ -120,7 +120,10 @@ def texture_shape_features(
     return features
 
 
-def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
+def check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """Voxel sizes in mm, one per axis (``None``: 1 mm); ``ValueError`` otherwise."""
+    if spacing is None:
+        return (1.0,) * ndim
     values = tuple(float(s) for s in spacing)
     if len(values) != ndim:
         raise ValueError(f"spacing has {len(values)} values for a {ndim}D image")

@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.stats import ks_2samp, rankdata, wasserstein_distance
 from skimage.metrics import structural_similarity
 
-from synthlesion.evaluation.radiomics import texture_shape_features
+from synthlesion.evaluation.radiomics import check_spacing, texture_shape_features
 from synthlesion.pipelines.quality import ring_width_mm
 
 logger = logging.getLogger(__name__)
@@ -57,17 +57,6 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") ->
     if not mask.any():
         raise ValueError(f"{name} is empty")
     return mask
-
-
-def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    values = tuple(float(s) for s in spacing)
-    if len(values) != ndim:
-        raise ValueError(f"spacing has {len(values)} values for a {ndim}D image")
-    if not all(np.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing must be positive, got {values}")
-    return values
 
 
 def _box(mask: np.ndarray, pad: Sequence[int] = ()) -> tuple[slice, ...]:
@@ -220,7 +209,7 @@ def mean_fill(
     """
     image = np.asarray(image)
     mask = _check_mask(mask, image.shape)
-    spacing = _check_spacing(spacing, image.ndim)
+    spacing = check_spacing(spacing, image.ndim)
     if tissue is not None and np.shape(tissue) != image.shape:
         raise ValueError(f"tissue shape {np.shape(tissue)} differs from the image shape")
     ring_mean, _ = _ring_mean(image, mask, spacing, ring_mm, tissue)
@@ -297,7 +286,7 @@ def copy_paste_fill(
         raise ValueError(f"donor is {donor_image.ndim}D but the image is {image.ndim}D")
     if match not in ("ring", "mean_std", "none"):
         raise ValueError(f"unknown match {match!r}; use 'ring', 'mean_std' or 'none'")
-    spacing = _check_spacing(spacing, image.ndim)
+    spacing = check_spacing(spacing, image.ndim)
     for name, array, shape in (
         ("tissue", tissue, image.shape),
         ("donor_tissue", donor_tissue, donor_image.shape),

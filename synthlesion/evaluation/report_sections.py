@@ -247,7 +247,12 @@ def _comparisons_section(results: Mapping[str, Any]) -> str:
         rows.append(
             [
                 html.escape(c["budget"]),
-                html.escape(str(c["arm"])),
+                html.escape(str(c["arm"]))
+                + (
+                    " <span class='bad'>(trained on no lesion of its own)</span>"
+                    if c.get("arm_new_lesion_share") == 0
+                    else ""
+                ),
                 html.escape(str(c["against"])),
                 (_signed(c.get("mean_diff")), cls),
                 _ci(lo, hi, 3, True),

@@ -155,6 +155,7 @@ class BatchCounts:
         patches: Patches drawn.
         positive: Patches holding at least one lesion voxel.
         lesion_voxels, voxels: Lesion voxels and all voxels of the patches.
+        lesion_draws: Lesion-centred patches drawn (before augmentation).
         new_lesion: Lesion-centred patches whose lesion came from the arm's new source
             (synthetic cases or copy-paste).
         paste_failed: Copy-paste draws that found no place and fell back to a real lesion.
@@ -164,6 +165,7 @@ class BatchCounts:
     positive: int = 0
     lesion_voxels: int = 0
     voxels: int = 0
+    lesion_draws: int = 0
     new_lesion: int = 0
     paste_failed: int = 0
 
@@ -173,6 +175,7 @@ class BatchCounts:
             "positive_patch_share": self.positive / max(self.patches, 1),
             "lesion_pixel_share": self.lesion_voxels / max(self.voxels, 1),
             "new_lesion_patches": self.new_lesion,
+            "new_lesion_share": self.new_lesion / max(self.lesion_draws, 1),
             "paste_failed": self.paste_failed,
         }
 
@@ -381,6 +384,7 @@ class ArmBatches:
                 if crop is not None:
                     self.counts.new_lesion += 1
             crops.append(crop or self._lesion_patch(self.real_lesions))
+            self.counts.lesion_draws += 1
         crops += [self._negative_patch() for _ in range(size - positives)]
         order = self.rng.permutation(size)
         crops = [crops[i] for i in order]

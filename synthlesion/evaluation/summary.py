@@ -70,6 +70,10 @@ def _arm_figures(
         "positive_patch_share": _mean_of(batches, "positive_patch_share"),
         "lesion_pixel_share": _mean_of(batches, "lesion_pixel_share"),
         "new_lesion_patches": float(np.sum([b.get("new_lesion_patches", 0) for b in batches])),
+        # share of the lesion patches that came from the arm's own new lesions: 0 means the
+        # arm trained on real lesions only (every synthetic case failed the gate, or no paste
+        # found a place) and is the real arm under another name
+        "new_lesion_share": _mean_of(batches, "new_lesion_share"),
         "sensitivity": _mean_of(summaries, "sensitivity"),
         "fp_per_case": _mean_of(summaries, "fp_per_case"),
         "hd95_mm": _mean_of(summaries, "hd95_mm"),
@@ -170,10 +174,12 @@ def summarise_protocol(
     for budget, arm, against in pairs:
         group = [o for o in outcomes if o.cell.budget_label == budget and not o.cell.reference]
         key = f"{arm}@{budget}_vs_{against}"
+        figures = arms.get(f"{arm}@{budget}", {})
         comparisons[key] = {
             "budget": budget,
             "arm": arm,
             "against": against,
+            "arm_new_lesion_share": figures.get("new_lesion_share"),
             **protocol_comparison(
                 _scores(group, arm), _scores(group, against), resamples=resamples, seed=seed
             ),
