@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--fresh", action="store_true", help="remove --out first")
     parser.add_argument("--workers", type=int, default=2, help="cell worker processes")
-    parser.add_argument("--segmenter-steps", type=int, default=800)
+    parser.add_argument("--segmenter-steps", type=int, default=1600)
     args = parser.parse_args()
     out = Path(args.out)
     if args.fresh and out.exists():

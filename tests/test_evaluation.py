@@ -638,3 +638,19 @@ def test_copy_paste_finds_a_place_in_scans_without_an_organ_label():
     assert pasted is not None
     image, label, case = pasted
     assert (label == 3).any()
+
+
+def test_the_augmentation_recipe_never_folds_a_small_patch():
+    """A 32-voxel patch at 1 mm: the recipe's elastic warp stays within half its node spacing
+    (a fixed 4 mm used to stop training with an anatomy-bound error)."""
+    from synthlesion.evaluation.segmenter import augmentation_recipe
+
+    recipe = augmentation_recipe(0, 2, [31.0, 31.0])
+    batch = {
+        "image": torch.randn(4, 1, 32, 32),
+        "label": torch.zeros(4, 1, 32, 32, dtype=torch.long),
+        "spacing": torch.ones(4, 2, dtype=torch.float64),
+    }
+    for _ in range(5):
+        out = recipe(batch)
+        assert out["image"].shape == (4, 1, 32, 32)
