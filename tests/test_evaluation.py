@@ -654,3 +654,10 @@ def test_the_augmentation_recipe_never_folds_a_small_patch():
     for _ in range(5):
         out = recipe(batch)
         assert out["image"].shape == (4, 1, 32, 32)
+
+
+def test_no_convergence_check_reads_as_not_checked_not_as_no(world, tmp_path):
+    from synthlesion.evaluation.summary import summarise_protocol
+
+    config = tiny(world, tmp_path / "unused")  # convergence_check off
+    assert summarise_protocol(config, [], [])["real_converged"] is None

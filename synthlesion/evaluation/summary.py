@@ -209,9 +209,12 @@ def summarise_protocol(
         "reference_arm": reference,
         "segmenter": config_to_dict(config.segmenter),
         "budget_steps": config.segmenter.steps,
-        "real_converged": bool(converged)
-        and all(c is True for c in converged)
-        and all(p is not False for p in plateaus),
+        # None where no convergence check ran (not checked is not "no")
+        "real_converged": (
+            all(c is True for c in converged) and all(p is not False for p in plateaus)
+        )
+        if converged
+        else None,
         "convergence": convergence,
         "convergence_tolerance": config.protocol.convergence_tolerance,
         "arms": arms,
