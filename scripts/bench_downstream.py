@@ -144,6 +144,9 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "classifier_auc_floor": pick(
             realism.get("classifier_auc_floor"), "auc", "ci_low", "ci_high"
         ),
+        "classifier_auc_control": pick(
+            realism.get("classifier_auc_control"), "auc", "ci_low", "ci_high"
+        ),
         "texture_mean_ks": {k: v.get("mean_ks") for k, v in (realism.get("texture") or {}).items()},
         "texture_mean_ks_floor": (realism.get("texture_floor") or {}).get("mean_ks"),
         "gate": results["gate"],

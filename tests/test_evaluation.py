@@ -447,6 +447,7 @@ def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated
     assert "handcrafted" in realism["kid"] and "mean" in realism["kid_floor"]
     assert 0 <= realism["classifier_auc"]["copy_paste"]["auc"] <= 1
     assert 0 <= realism["classifier_auc_floor"]["auc"] <= 1
+    assert 0 <= realism["classifier_auc_control"]["auc"] <= 1  # the positive control
     splits = load_splits(world["all_splits"][0])
     cell = next(c for c in results["cells"] if c["name"] == "s0-b2")
     assert cell["data"]["test_cases"] == len(splits.case_ids("test"))

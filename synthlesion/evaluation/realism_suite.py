@@ -11,7 +11,9 @@
   bottleneck (trained on the budget's real scans only); the floor is the labelled real train
   lesions against the held-out ones.
 * Classifier: a cross-validated small CNN tells held-out real lesion crops from a generator's
-  (AUC with DeLong's interval); the floor is two halves of the held-out real lesions.
+  (AUC with DeLong's interval); the floor is two halves of the held-out real lesions, and the
+  positive control the same crops with their lesion blanked (a classifier that cannot tell
+  those apart has no power, and its other AUCs say nothing).
 * Texture and shape: first-order, GLCM and shape descriptors
   (:mod:`~synthlesion.evaluation.radiomics`) compared as distributions (KS, Wasserstein) with
   the held-out lesions; the floor is the real train lesions.
@@ -53,13 +55,17 @@ logger = logging.getLogger(__name__)
 class _LesionSet:
     """Lesion crops and texture/shape features, both of the normalised image."""
 
-    def __init__(self) -> None:
+    def __init__(self, blanked: bool = False) -> None:
         self.crops: list[np.ndarray] = []
         self.features: list[dict[str, float]] = []
+        self.blanked: list[np.ndarray] | None = [] if blanked else None
 
     def add(self, case: ArrayCase, mask: np.ndarray, size: int) -> None:
         centre = tuple(int(round(c)) for c in ndimage.center_of_mass(mask))
         self.crops.append(crop_at(case.image, centre, size).astype(np.float32))
+        if self.blanked is not None:  # the same crop with its lesion filled by the ring mean
+            filled = mean_fill(case.image, mask, case.spacing[: mask.ndim])
+            self.blanked.append(crop_at(filled, centre, size).astype(np.float32))
         box = _box(mask, pad=2)  # features of the normalised image: one unit for every set
         try:
             self.features.append(
@@ -92,8 +98,9 @@ def _collect(
     size: int,
     limit: int,
     exclude: Mapping[str, ArrayCase] | None = None,
+    blanked: bool = False,
 ) -> _LesionSet:
-    found = _LesionSet()
+    found = _LesionSet(blanked)
     for case in cases:
         mask = np.isin(case.label, lesion_values)
         if exclude is not None and case.source_case in exclude:
@@ -126,7 +133,7 @@ def measure_realism(
     size, limit, device = cfg.crop_size, cfg.max_lesions, config.device
     lesion_values = pool.lesion_values
     held_out_cases = [*val_cases, *test_cases]
-    held_out = _collect(held_out_cases, lesion_values, size, limit)
+    held_out = _collect(held_out_cases, lesion_values, size, limit, blanked=True)
     train = _collect(pool.real, lesion_values, size, limit)
     sources = pool.real_by_id()
     generated: dict[str, _LesionSet] = {
@@ -161,6 +168,15 @@ def measure_realism(
     second = np.stack([held_out.crops[i] for i in order[half:]])
     record["classifier_auc_floor"] = classifier_two_sample_test(
         first, second, folds=cfg.classifier_folds, seed=seed, device=device
+    )
+    # the positive control: the same held-out crops with their lesion filled by the ring mean
+    # (a generator that paints nothing); a classifier that cannot tell these apart has no power
+    record["classifier_auc_control"] = classifier_two_sample_test(
+        np.stack(held_out.crops),
+        np.stack(held_out.blanked or []),
+        folds=cfg.classifier_folds,
+        seed=seed,
+        device=device,
     )
     for kind, lesions in generated.items():
         if len(lesions) < cfg.classifier_folds:

@@ -93,6 +93,20 @@ def _realism_tables(results: Mapping[str, Any], generators: Sequence[str]) -> st
         ]
     )
     classes.append("ref")
+    control = _dict(realism.get("classifier_auc_control"))
+    if control:
+        rows.append(
+            [
+                "real vs lesion blanked (control)",
+                _fmt(_num(lesions.get("held_out")), 0),
+                "–",
+                _fmt(control.get("auc")),
+                _ci(control.get("ci_low"), control.get("ci_high")),
+                "–",
+                "–",
+            ]
+        )
+        classes.append("ref")
     distribution_html = (
         "<h3>Distribution, classifier and texture</h3>"
         + _table(
@@ -113,7 +127,8 @@ def _realism_tables(results: Mapping[str, Any], generators: Sequence[str]) -> st
         "space of the real-only segmenter's bottleneck (lower is closer; floor: the labelled "
         "train lesions against the held-out ones). Classifier AUC: a cross-validated small "
         "CNN telling held-out real lesions from the generator's (0.5: indistinguishable; "
-        "DeLong interval; floor: two halves of the held-out lesions). Texture: mean "
+        "DeLong interval; floor: two halves of the held-out lesions; control: the same crops "
+        "with their lesion blanked, which a classifier with any power tells apart). Texture: mean "
         "Kolmogorov–Smirnov statistic and Wasserstein distance (in units of the real sd) "
         "over first-order, GLCM and shape descriptors (floor: train against held-out).</p>"
     )
