@@ -21,6 +21,7 @@ from synthlesion.errors import ConfigError
 from synthlesion.evaluation.config import EvaluateConfig, load_evaluate_config
 from synthlesion.evaluation.errors import (
     EvaluationConfigError,
+    EvaluationError,
     RunFolderError,
     SyntheticTestDataError,
 )
@@ -630,7 +631,7 @@ def test_copy_paste_finds_a_place_in_scans_without_an_organ_label():
     batches = ArmBatches(
         cases, [], ArmConfig("cp", "copy_paste", 1.0), cfg, 0, (3,), (), modality="MRI"
     )
-    for _image, target in batches:
+    for _batch in batches:
         pass
     counts = batches.counts.to_dict()
     assert counts["new_lesion_patches"] >= 0.8 * 20 * 2  # two lesion patches per batch
@@ -662,3 +663,93 @@ def test_no_convergence_check_reads_as_not_checked_not_as_no(world, tmp_path):
 
     config = tiny(world, tmp_path / "unused")  # convergence_check off
     assert summarise_protocol(config, [], [])["real_converged"] is None
+
+
+# --- attacks on the protocol (an adversarial review) -----------------------------------------
+
+
+def test_a_rerun_on_changed_splits_is_refused_not_served_old_results(world, tmp_path):
+    import shutil as sh
+
+    splits = tmp_path / "splits.json"
+    sh.copyfile(world["all_splits"][0], splits)
+    config = tiny(world, tmp_path / "run", splits=str(splits), report=False)
+    run_evaluation(config)
+    sh.copyfile(world["all_splits"][1], splits)  # other test patients, the same path
+    with pytest.raises(RunFolderError, match="other content of splits_sha256"):
+        run_evaluation(config)
+
+
+def test_the_same_split_listed_twice_is_refused(world, tmp_path):
+    import shutil as sh
+
+    twin = tmp_path / "twin.json"
+    sh.copyfile(world["splits"], twin)
+    config = tiny(world, tmp_path / "run", splits=[str(world["splits"]), str(twin)],
+                  handcrafted_manifest=None)  # fmt: skip
+    with pytest.raises(EvaluationConfigError, match="the same split as"):
+        run_evaluation(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_has_lesion_flag_does_not_turn_a_lesion_patient_into_a_negative(world):
+    from dataclasses import replace as dc_replace
+
+    from synthlesion.evaluation.protocol import lesion_flags
+
+    cases = load_cases(world["dataset"])
+    lying = [dc_replace(c, has_lesion=False) if c.has_lesion else c for c in cases]
+    assert lesion_flags(lying) == {c.case_id: bool(c.has_lesion) for c in cases}
+
+
+def test_a_given_set_whose_generator_saw_more_than_the_budget_is_refused(world, tmp_path):
+    # the world's hand-crafted set was fitted on all 4 train lesion patients; budget 2
+    config = tiny(world, tmp_path / "run", protocol={"budgets": [2], "min_test_lesion_cases": 4})
+    with pytest.raises(EvaluationConfigError, match="outside the train side of cell s0-b2"):
+        run_evaluation(config)
+    assert not list((tmp_path / "run").rglob("result.json"))
+
+
+@pytest.mark.slow
+def test_an_edited_result_is_refused_on_resume(evaluated):
+    out = evaluated["out"]
+    path = out / "cells" / "s0-b2" / "arms" / "copy-paste" / "seed-0" / "result.json"
+    original = path.read_bytes()
+    data = json.loads(original)
+    for case in data["cases"]:
+        case["dice"] = 0.9
+    path.write_text(json.dumps(data))
+    try:
+        with pytest.raises(EvaluationError, match="edited after it was written"):
+            run_evaluation(evaluated["config"])
+    finally:
+        path.write_bytes(original)
+
+
+def test_overlapping_splits_count_a_case_once_in_the_paired_test():
+    from synthlesion.evaluation.stats import protocol_comparison
+
+    rng = np.random.default_rng(0)
+    a = {("s0", 0): {f"c{i}": float(rng.random()) for i in range(12)}}
+    b = {("s0", 0): {f"c{i}": float(rng.random()) for i in range(12)}}
+    once = protocol_comparison(a, b, resamples=200)
+    twice = protocol_comparison(
+        {**a, ("s1", 0): a[("s0", 0)]}, {**b, ("s1", 0): b[("s0", 0)]}, resamples=200
+    )
+    assert twice["pairs"] == once["pairs"] == 12
+    assert twice["p_wilcoxon"] == pytest.approx(once["p_wilcoxon"])
+
+
+def test_the_reference_arm_is_the_real_arm_wherever_it_is_listed(tmp_path):
+    config = load_evaluate_config(
+        {
+            "out_dir": "o",
+            "data": "d",
+            "splits": "s",
+            "arms": [
+                {"name": "hc", "kind": "handcrafted", "share": 0.5},
+                {"name": "real", "kind": "real"},
+            ],
+        }
+    )
+    assert config.reference_arm == "real"

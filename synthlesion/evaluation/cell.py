@@ -51,7 +51,7 @@ from synthlesion.evaluation.segmenter import (
     build_network,
     train_segmenter,
 )
-from synthlesion.storage import atomic_write_json
+from synthlesion.storage import atomic_write_json, canonical_json_hash
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def run_cell(
         manifests["handcrafted"] = [_handcrafted(config, data, splits, folder, progress)]
     if "diffusion" in kinds:
         manifests["diffusion"] = _diffusion(config, data, splits, folder, progress, step_progress)
+    given = [*config.diffusion.manifests, *filter(None, [config.handcrafted_manifest])]
+    _require_within_budget(cell, [Path(m) for m in given], splits)
 
     def build_into(into: Path, excluded: dict[str, str] | None = None) -> dict[str, Any]:
         return evdata.build_dataset(
@@ -234,6 +236,39 @@ def run_cell(
         examples=examples,
         card=(build / "dataset_card.md").read_text(encoding="utf-8"),
     )
+
+
+def _require_within_budget(cell: Cell, manifests: Sequence[Path], splits: Path) -> None:
+    """A given set's generator must have learnt from the cell's train patients only (the
+    budget's labelled ones and the healthy ones): a model trained on more labelled scans than
+    the budget would leak labels into it.
+
+    Raises:
+        EvaluationConfigError: the generator's training record lists other patients.
+    """
+    if not manifests:
+        return
+    from synthlesion.data.splits import load_splits
+    from synthlesion.evaluation.errors import EvaluationConfigError
+    from synthlesion.provenance import read_manifest
+    from synthlesion.provenance.identity import hash_patient_id
+    from synthlesion.provenance.record import TrainingRecord
+
+    allowed = {hash_patient_id(p) for p in load_splits(splits).patients("train")}
+    for path in manifests:
+        generator = read_manifest(path, verify_files=False).generator
+        if not generator.path:
+            continue
+        record = TrainingRecord.read(generator.path).content
+        outside = set(record.get("patient_id_hashes") or ()) - allowed
+        if outside:
+            raise EvaluationConfigError(
+                f"{path}: its generator ({generator.path}) learnt from {len(outside)} "
+                f"patient(s) outside the train side of cell {cell.name} (budget "
+                f"{cell.budget_name}: its labelled lesion patients and the healthy ones); a "
+                "model trained on more labelled scans than the budget leaks labels: train it on "
+                "the cell's data (diffusion.train_config) instead"
+            )
 
 
 def _val_cases(build: Path, normaliser: IntensityNormaliser) -> list[ArrayCase]:
@@ -426,6 +461,14 @@ def _run_arm(
     result_path = out / "result.json"
     if result_path.is_file():
         data = json.loads(result_path.read_text(encoding="utf-8"))
+        recorded = data.pop("sha256", None)
+        if recorded is not None and recorded != canonical_json_hash(data):
+            raise EvaluationError(
+                f"{result_path}: its content does not match its sha256 (edited after it was "
+                "written); remove the file to train this run again"
+            )
+        if recorded is None:
+            logger.warning("%s: written before result hashes; read unverified", result_path)
         data["cases"] = [CaseMetrics.from_dict(c) for c in data["cases"]]
         return data
     cfg = config.segmenter
@@ -483,7 +526,8 @@ def _run_arm(
         "summary": summarise(scored, size_bin_names(config.metrics.size_bins_mm)),
         "cases": [c.to_dict() for c in scored],
     }
-    atomic_write_json(result_path, jsonable(data))
+    plain = jsonable(data)
+    atomic_write_json(result_path, {**plain, "sha256": canonical_json_hash(plain)})
     logger.info(
         "%s: dice %.3f, positive patches %.3f (%.0f s)",
         label,

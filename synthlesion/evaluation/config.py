@@ -154,7 +154,7 @@ class MetricsConfig:
         size_bins_mm: Edges of the lesion size bins by equivalent diameter (mm): ``[10, 20]``
             gives ``<10``, ``10-20``, ``>=20``.
         bootstrap: Bootstrap resamples of the paired case differences.
-        reference_arm: Arm the paired comparisons are made against (default: the first arm).
+        reference_arm: Arm the paired comparisons are made against (default: the first real arm).
         seed: Seed of the bootstrap.
     """
 
@@ -388,7 +388,10 @@ class EvaluateConfig:
 
     @property
     def reference_arm(self) -> str:
-        return self.metrics.reference_arm or self.arms[0].name
+        """``metrics.reference_arm``, else the first real arm (else the first arm)."""
+        if self.metrics.reference_arm:
+            return self.metrics.reference_arm
+        return next((a.name for a in self.arms if a.kind == "real"), self.arms[0].name)
 
 
 def load_evaluate_config(

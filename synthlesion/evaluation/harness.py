@@ -59,13 +59,37 @@ def config_hash(config: EvaluateConfig) -> str:
     return canonical_json_hash(plain)
 
 
+def input_hashes(config: EvaluateConfig) -> dict[str, Any]:
+    """The content of the run's inputs: the real-case list's file (or a folder's listing of
+    names and sizes) and every splits file's own sha256, so a rerun on changed data or splits
+    is never served the old results."""
+    from synthlesion.data.splits import load_splits
+    from synthlesion.storage import sha256_file
+
+    data = Path(config.data)
+    if data.is_file():
+        data_hash = sha256_file(data)
+    else:
+        listing = sorted(
+            (str(p.relative_to(data)), p.stat().st_size) for p in data.rglob("*") if p.is_file()
+        )
+        data_hash = canonical_json_hash(listing)
+    return {
+        "data_sha256": data_hash,
+        "splits_sha256": [load_splits(p).sha256 for p in config.splits],
+    }
+
+
 def claim_run_folder(out: Path, config: EvaluateConfig) -> bool:
-    """Make ``out`` this run's folder; returns True when resuming the same run.
+    """Make ``out`` this run's folder; returns True when resuming the same run (the same
+    settings on the same data and splits).
 
     Raises:
-        RunFolderError: ``out`` holds another run's results, or files that are not a run.
+        RunFolderError: ``out`` holds another run's results (other settings, or the same
+            settings on data or splits whose content changed), or files that are not a run.
     """
     digest = config_hash(config)
+    inputs = input_hashes(config)
     marker = out / RUN_FILE
     if marker.is_file():
         try:
@@ -78,6 +102,16 @@ def claim_run_folder(out: Path, config: EvaluateConfig) -> bool:
                 f"{str(run.get('config_sha256'))[:12]}, this config {digest[:12]}); nothing was "
                 "overwritten: choose a new out_dir or remove the old one"
             )
+        recorded = run.get("inputs")
+        if recorded is not None and recorded != inputs:
+            changed = [k for k in inputs if recorded.get(k) != inputs[k]]
+            raise RunFolderError(
+                f"{out}: its results were made from other content of {', '.join(changed)} "
+                f"({config.data}, {', '.join(str(s) for s in config.splits)} changed since); "
+                "nothing was reused or overwritten: choose a new out_dir"
+            )
+        if recorded is None:  # a run folder from before input hashes: record them now
+            atomic_write_json(marker, {**run, "inputs": inputs})
         return True
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(
@@ -91,6 +125,7 @@ def claim_run_folder(out: Path, config: EvaluateConfig) -> bool:
         {
             "format": RUN_FORMAT,
             "config_sha256": digest,
+            "inputs": inputs,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "synthlesion_version": __version__,
             "status": "running",

@@ -68,15 +68,23 @@ class Cell:
 
 
 def lesion_flags(cases: Sequence[Case]) -> dict[str, bool]:
-    """Case id -> whether its mask holds a lesion (the source's ``has_lesion`` when given)."""
+    """Case id -> whether its mask holds a lesion, read from the mask (a source's
+    ``has_lesion`` is not trusted: a wrong flag would turn an unlabelled lesion patient into a
+    healthy negative); the flag is used only for a case without a mask."""
     flags = {}
     for case in cases:
-        if case.has_lesion is not None:
-            flags[case.case_id] = bool(case.has_lesion)
+        if case.mask is not None:
+            found = case_has_lesion(case, case.lesion_labels)
+            if case.has_lesion is not None and bool(case.has_lesion) != found:
+                logger.warning(
+                    "case %s: has_lesion says %s, its mask %s a lesion (the mask decides)",
+                    case.case_id,
+                    case.has_lesion,
+                    "holds" if found else "holds no",
+                )
+            flags[case.case_id] = found
         else:
-            flags[case.case_id] = case.mask is not None and case_has_lesion(
-                case, case.lesion_labels
-            )
+            flags[case.case_id] = bool(case.has_lesion)
     return flags
 
 
@@ -95,8 +103,15 @@ def plan_cells(config: EvaluateConfig, cases: Sequence[Case]) -> list[Cell]:
         ) or flags.get(case.case_id, False)
     budgets = config.protocol.budgets
     cells: list[Cell] = []
+    seen: dict[str, Path] = {}
     for index, path in enumerate(config.splits):
         splits = load_splits(path)
+        if splits.sha256 in seen:
+            raise EvaluationConfigError(
+                f"{path}: the same split as {seen[splits.sha256]} (equal content); a repeated "
+                "split would count its cases twice and narrow every interval"
+            )
+        seen[splits.sha256] = Path(path)
         try:
             splits.require_matches(list(cases))
         except SplitError as exc:

@@ -193,9 +193,11 @@ def protocol_comparison(
 ) -> dict[str, Any]:
     """Arm ``a`` against arm ``b`` on the cases both were scored on.
 
-    The paired per-case differences (averaged over seeds, one value per split and case) get a
-    two-sided Wilcoxon signed-rank p value; the mean difference gets the hierarchical bootstrap
-    interval of :func:`hierarchical_bootstrap`. ``p_holm`` is added by :func:`holm`.
+    The paired per-case differences, averaged over seeds and over the splits whose test side
+    holds the case (one value per case: patient splits overlap, and a case counted once per
+    split would be several "independent" pairs), get a two-sided Wilcoxon signed-rank p value;
+    the mean difference gets the hierarchical bootstrap interval of
+    :func:`hierarchical_bootstrap`. ``p_holm`` is added by :func:`holm`.
 
     Returns:
         ``{"mean_diff", "ci_low", "ci_high", "p_wilcoxon", "pairs", "wins", "losses"}``.
@@ -203,7 +205,11 @@ def protocol_comparison(
     from scipy.stats import wilcoxon
 
     boot = hierarchical_bootstrap(a, b, resamples=resamples, seed=seed)
-    diffs = np.concatenate([v.mean(axis=0) for _, _, v in _paired_arrays(a, b).values()] or [[]])
+    per_case: dict[str, list[float]] = {}
+    for _, cases, values in _paired_arrays(a, b).values():
+        for case, value in zip(cases, values.mean(axis=0), strict=True):
+            per_case.setdefault(case, []).append(float(value))
+    diffs = np.array([np.mean(v) for v in per_case.values()], dtype=float)
     if diffs.size == 0 or np.allclose(diffs, 0):
         p_value = 1.0 if diffs.size else math.nan
     else:
