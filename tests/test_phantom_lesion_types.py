@@ -19,10 +19,10 @@ from synthlesion.data.phantom import (
     make_phantom_patient,
 )
 from synthlesion.data.phantom_anatomy import crop
+from synthlesion.data.phantom_lesion_render import mass_effect_coords
 from synthlesion.data.phantom_lesion_types import (
     LESION_TYPES,
     draw_lesion_type,
-    mass_effect_coords,
     place_typed_lesions,
 )
 from synthlesion.errors import ConfigError

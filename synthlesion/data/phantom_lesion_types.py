@@ -86,8 +86,6 @@ from scipy import ndimage
 
 from synthlesion.data.phantom_anatomy import Coords, Field, random_rotation
 from synthlesion.data.phantom_lesion_render import _BORDER_CLIP, _HALO_REACH, _Noise
-from synthlesion.data.phantom_lesion_render import mass_effect_coords as mass_effect_coords
-from synthlesion.data.phantom_lesion_render import paint_typed_lesions as paint_typed_lesions
 
 logger = logging.getLogger(__name__)
 

@@ -265,6 +265,8 @@ class ArmBatches:
                 seed=seed,
             )
             self.tissue = {id(c): self._tissue(c) for c in self.real}
+            # voxels a paste may be centred on, found once per scan (not per patch)
+            self.tissue_voxels = {key: np.argwhere(m) for key, m in self.tissue.items()}
         shapes = {c.image.shape for c in [*self.real, *self.new]}
         if cfg.patch_size is None and len(shapes) > 1:
             raise EvaluationConfigError(
@@ -330,7 +332,7 @@ class ArmBatches:
             case = pool[self.rng.integers(len(pool))]
             centre = None
             if organ:
-                tissue = np.argwhere(self.tissue[id(case)])
+                tissue = self.tissue_voxels[id(case)]
                 if len(tissue):
                     centre = tissue[self.rng.integers(len(tissue))]
             if centre is None:
