@@ -636,7 +636,7 @@ def test_copy_paste_finds_a_place_in_scans_without_an_organ_label():
     counts = batches.counts.to_dict()
     assert counts["new_lesion_patches"] >= 0.8 * 20 * 2  # two lesion patches per batch
     assert counts["paste_failed"] <= 0.2 * 20 * 2
-    pasted = batches._pasted_patch()
+    pasted = batches.pasted_patch()
     assert pasted is not None
     image, label, case = pasted
     assert (label == 3).any()

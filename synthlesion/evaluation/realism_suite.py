@@ -311,7 +311,7 @@ def _copy_paste_lesions(
     for _ in range(4 * limit):
         if len(found) >= min(limit, 200):
             break
-        made = batches._pasted_patch()
+        made = batches.pasted_patch()
         if made is None:
             continue
         image, label, case = made

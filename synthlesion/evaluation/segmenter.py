@@ -346,7 +346,7 @@ class ArmBatches:
         """A patch with no lesion voxel, from any labelled real scan (healthy ones included)."""
         return self._negative_centre()[:3]
 
-    def _pasted_patch(self) -> tuple[np.ndarray, np.ndarray, ArrayCase] | None:
+    def pasted_patch(self) -> tuple[np.ndarray, np.ndarray, ArrayCase] | None:
         """A lesion-free patch with a real labelled lesion pasted into its tissue (``None``
         when the lesion found no place)."""
         image, label, case, centre = self._negative_centre(organ=True)
@@ -378,7 +378,7 @@ class ArmBatches:
                 if self.paste is None and not self.new_lesions:
                     pass
                 elif self.paste is not None:
-                    crop = self._pasted_patch()
+                    crop = self.pasted_patch()
                     if crop is None:
                         self.counts.paste_failed += 1
                 else:
