@@ -3,7 +3,7 @@
 The protocol of ``synthlesion evaluate`` on the embedded 2D CT phantom with typed lesions
 (cysts, rimmed metastases with a halo, heterogeneous HCC-like masses with calcifications,
 infiltrative lesions; mass effect): 3 patient splits, each with 48 lesion + 48 healthy train
-scans, 8 + 4 val and 100 + 30 test scans. Two labelled budgets (4 and 16 lesion scans, the 48
+scans, 24 + 8 val and 100 + 30 test scans. Two labelled budgets (4 and 16 lesion scans, the 48
 healthy scans kept) x 2 seeds; for every split and budget a lesion diffusion model is trained on
 that budget's scans only and paints lesions into the healthy train scans, and the hand-crafted
 baseline is fitted to the same scans. Arms: real (balanced: the same share of lesion patches as
@@ -56,7 +56,7 @@ def _settings(quick: bool, out: Path, steps: int) -> tuple[Scenario, dict[str, A
         bootstrap = 500
     else:
         scenario = Scenario(
-            lesion=(48, 8, 100), healthy=(48, 4, 30), size=128, splits=3, lesion_model="types"
+            lesion=(48, 24, 100), healthy=(48, 8, 30), size=128, splits=3, lesion_model="types"
         )
         profile = DemoProfile(scenario, 400, (32, 64, 64), 16, 20, steps, 16)
         segmenter = {

@@ -397,6 +397,64 @@ def test_segmenter_training_is_seeded_and_leaves_global_random_state_alone(world
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
 
 
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_budget_trained_beside_a_longer_one_gives_the_weights_of_a_run_alone(world, schedule):
+    """The convergence check branches its run of twice the steps off the real arm's run
+    (``wsd``): each budget must still be exactly what a run of that many steps gives."""
+    from synthlesion.evaluation.config import ArmConfig, SegmenterConfig
+    from synthlesion.evaluation.segmenter import ArmBatches, train_segmenters
+
+    pool = _pool(world)
+    cfg = SegmenterConfig(
+        steps=6, batch_size=4, channels=(4, 8), patch_size=(16, 16), schedule=schedule,
+        validate_every=2, decay_fraction=0.5,
+    )  # fmt: skip
+    arm = ArmConfig("real", "real")
+    val = [c for c in pool.real if c.label.max() > 1][:2]
+
+    def batches():
+        return ArmBatches(pool.real, [], arm, cfg, 7, pool.lesion_values, pool.organ_values)
+
+    both = train_segmenters(batches(), cfg, 7, [6, 12], validation=val)
+    for budget in (6, 12):
+        alone = train_segmenters(batches(), cfg, 7, [budget], validation=val)[budget]
+        got = both[budget]
+        assert got.steps == budget and got.losses == alone.losses
+        assert got.validation == alone.validation and got.selected_step == alone.selected_step
+        a, b = got.network.state_dict(), alone.network.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert got.counts == alone.counts
+    if schedule == "wsd":
+        assert both[6].losses[:3] == both[12].losses[:3]  # the stable part (3 of 6 steps)
+        assert both[6].losses[3:] != both[12].losses[3:6]  # then they part
+
+
+def test_best_validation_selection_keeps_the_weights_of_the_best_step(world):
+    from synthlesion.evaluation.config import ArmConfig, SegmenterConfig
+    from synthlesion.evaluation.segmenter import ArmBatches, train_segmenters, validation_dice
+
+    pool = _pool(world)
+    val = [c for c in pool.real if c.label.max() > 1][:2]
+    arm = ArmConfig("real", "real")
+    runs = {}
+    for select in ("best_validation", "last"):
+        cfg = SegmenterConfig(
+            steps=8, batch_size=4, channels=(4, 8), patch_size=(16, 16), validate_every=2,
+            select=select,
+        )  # fmt: skip
+        batches = ArmBatches(pool.real, [], arm, cfg, 5, pool.lesion_values, pool.organ_values)
+        runs[select] = train_segmenters(batches, cfg, 5, [8], validation=val)[8]
+    best, last = runs["best_validation"], runs["last"]
+    assert [s for s, _ in best.validation] == [2, 4, 6, 8] and best.validation == last.validation
+    scores = dict(best.validation)
+    top = max(scores.values())
+    assert best.selected_step == min(s for s, v in scores.items() if v == top)
+    assert last.selected_step == 8
+    # the kept weights score what the curve says at that step
+    assert validation_dice(best, val, pool.lesion_values) == pytest.approx(top)
+    assert validation_dice(last, val, pool.lesion_values) == pytest.approx(scores[8])
+
+
 # --- end to end ---------------------------------------------------------------------------
 
 
@@ -436,6 +494,18 @@ def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated
     for budget in ("b2", "b3"):
         conv = results["convergence"][budget]
         assert conv["doubled_steps"] == 8 and conv["test_dice_change_when_doubled"] is not None
+        val = conv["validation"]
+        assert val["gain_when_doubled"] == pytest.approx(
+            val["val_dice_best_doubled"] - val["val_dice_best"]
+        )
+        assert isinstance(val["plateaued"], bool) and 0 < val["selected_step_share"] <= 1
+    # the doubled run branched off the real arm's run: its first (stable) steps are the same
+    cell = evaluated["out"] / "cells" / "s0-b2" / "arms"
+    once = json.loads((cell / "real" / "seed-0" / "result.json").read_text())
+    twice = json.loads((cell / "real@2x" / "seed-0" / "result.json").read_text())
+    assert (once["steps"], twice["steps"], once["schedule"]) == (4, 8, "wsd")
+    assert once["validation"][0] == twice["validation"][0]  # step 2 of 4 and of 8: shared
+    assert once["selected_step"] in [s for s, _ in once["validation"]]
     assert isinstance(results["real_converged"], bool)
     assert results["upper_reference"]["runs"] == 4 and results["upper_reference_dice"] is not None
     assert set(results["threshold_floor"]) == {"b2", "b3"} and results["threshold_floor_dice"] >= 0
@@ -487,7 +557,7 @@ def test_a_rerun_of_the_same_config_resumes_without_retraining(evaluated, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("retrained a finished arm")
 
-    monkeypatch.setattr(cell, "train_segmenter", refuse)
+    monkeypatch.setattr(cell, "train_segmenters", refuse)
     again = run_evaluation(evaluated["config"])
     assert again["arms"] == evaluated["results"]["arms"]
 

@@ -7,12 +7,12 @@
    scans) or given manifests;
 3. build the guarded dataset (the builder's guards refuse a set that fails them, before any
    segmenter trains);
-4. train the real arm for every seed; its seed-0 network is the gate's and the realism
-   encoder's segmenter;
+4. train the real arm for every seed, and with it the convergence check (the real arm with
+   twice the steps, branched off the same run); its seed-0 network is the gate's and the
+   realism encoder's segmenter;
 5. gate the synthetic cases (the manifest's gate, then the real segmenter must find each
    painted lesion with ``gate.min_dice``);
-6. train the other arms, the convergence check (the real arm with twice the steps) and score
-   the threshold floor;
+6. train the other arms and score the threshold floor;
 7. measure realism (cells of the largest budget).
 
 Every finished step is kept on disk, so a rerun resumes.
@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from synthlesion.evaluation.segmenter import (
     ArrayCase,
     TrainedSegmenter,
     build_network,
-    train_segmenter,
+    train_segmenters,
 )
 from synthlesion.storage import atomic_write_json, canonical_json_hash
 
@@ -142,16 +142,26 @@ def run_cell(
     real_arm = next(a for a in arms if a.kind == "real")
     runs: dict[str, dict[int, dict[str, Any]]] = {}
 
-    def train(arm: ArmConfig, seed: int, new: Sequence[ArrayCase], name: str, steps: int) -> None:
-        runs.setdefault(name, {})[seed] = _run_arm(
-            config, cell, arm, seed, pool, new, test_cases, val_cases, folder, name, steps,
+    def train(arm: ArmConfig, seed: int, new: Sequence[ArrayCase], budgets: dict[str, int]) -> None:
+        done = _run_arm(
+            config, cell, arm, seed, pool, new, test_cases, val_cases, folder, budgets,
             step_progress,
         )  # fmt: skip
+        for name, data in done.items():
+            runs.setdefault(name, {})[seed] = data
 
     steps = config.segmenter.steps
+    doubled = config.protocol.convergence_check and not cell.reference
     for seed in config.seeds:
-        _log(progress, f"{cell.name}: arm {real_arm.name}, seed {seed}")
-        train(real_arm, seed, [], real_arm.name, steps)
+        # the convergence check: the real arm with twice the steps, branched off the same run
+        budgets = {real_arm.name: steps}
+        if doubled:
+            budgets[real_arm.name + DOUBLED] = 2 * steps
+            _log(progress, f"{cell.name}: arm {real_arm.name}, seed {seed} ({steps} and "
+                 f"{2 * steps} steps: the convergence check)")  # fmt: skip
+        else:
+            _log(progress, f"{cell.name}: arm {real_arm.name}, seed {seed}")
+        train(real_arm, seed, [], budgets)
     segmenter = _load_segmenter(config, folder, real_arm.name, config.seeds[0], pool)
     gate, kept = _gate(config, pool, segmenter, folder, manifests)
     refused = {
@@ -168,11 +178,7 @@ def run_cell(
         new = kept.get(arm.kind, []) if arm.kind in ("handcrafted", "diffusion") else []
         for seed in config.seeds:
             _log(progress, f"{cell.name}: arm {arm.name}, seed {seed}")
-            train(arm, seed, new, arm.name, steps)
-    if config.protocol.convergence_check and not cell.reference:
-        for seed in config.seeds:
-            _log(progress, f"{cell.name}: convergence check ({2 * steps} steps), seed {seed}")
-            train(real_arm, seed, [], real_arm.name + DOUBLED, 2 * steps)
+            train(arm, seed, new, {arm.name: steps})
     floor = None
     if config.protocol.threshold_floor and not cell.reference:
         floor = threshold_floor(pool, test_cases, config.metrics.size_bins_mm, folder)
@@ -443,6 +449,20 @@ def _local_dice(pred: np.ndarray, painted: np.ndarray) -> float:
     return 2.0 * float((p & t).sum()) / float(p.sum() + t.sum())
 
 
+def _read_result(result_path: Path) -> dict[str, Any]:
+    data = json.loads(result_path.read_text(encoding="utf-8"))
+    recorded = data.pop("sha256", None)
+    if recorded is not None and recorded != canonical_json_hash(data):
+        raise EvaluationError(
+            f"{result_path}: its content does not match its sha256 (edited after it was "
+            "written); remove the file to train this run again"
+        )
+    if recorded is None:
+        logger.warning("%s: written before result hashes; read unverified", result_path)
+    data["cases"] = [CaseMetrics.from_dict(c) for c in data["cases"]]
+    return data
+
+
 def _run_arm(
     config: EvaluateConfig,
     cell: Cell,
@@ -453,24 +473,14 @@ def _run_arm(
     test_cases: Sequence[ArrayCase],
     val_cases: Sequence[ArrayCase],
     folder: Path,
-    name: str,
-    steps: int,
+    budgets: dict[str, int],
     step_progress: Callable[[str, int, int], None] | None,
-) -> dict[str, Any]:
-    out = folder / "arms" / name / f"seed-{seed}"
-    result_path = out / "result.json"
-    if result_path.is_file():
-        data = json.loads(result_path.read_text(encoding="utf-8"))
-        recorded = data.pop("sha256", None)
-        if recorded is not None and recorded != canonical_json_hash(data):
-            raise EvaluationError(
-                f"{result_path}: its content does not match its sha256 (edited after it was "
-                "written); remove the file to train this run again"
-            )
-        if recorded is None:
-            logger.warning("%s: written before result hashes; read unverified", result_path)
-        data["cases"] = [CaseMetrics.from_dict(c) for c in data["cases"]]
-        return data
+) -> dict[str, dict[str, Any]]:
+    """Train (or read back) one arm and seed at each budget: ``{run name: steps}``; the runs
+    share their common first steps (:func:`train_segmenters`)."""
+    paths = {name: folder / "arms" / name / f"seed-{seed}" / "result.json" for name in budgets}
+    if all(p.is_file() for p in paths.values()):
+        return {name: _read_result(p) for name, p in paths.items()}
     cfg = config.segmenter
     batches = ArmBatches(
         pool.real,
@@ -480,62 +490,78 @@ def _run_arm(
         seed,
         pool.lesion_values,
         pool.organ_values,
-        steps=steps,
+        steps=max(budgets.values()),
         modality=pool.modality,
     )
-    label = f"{cell.name}/{name}/seed {seed}"
+    label = f"{cell.name}/{arm.name}/seed {seed}"
     started = time.perf_counter()
-    trained = train_segmenter(
+    trained = train_segmenters(
         batches,
-        replace(cfg, steps=steps),
+        cfg,
         seed,
+        sorted(set(budgets.values())),
         device=config.device,
         validation=val_cases,
-        progress=(lambda step, loss: step_progress(label, step, steps)) if step_progress else None,
+        progress=(
+            (lambda step, total, loss: step_progress(f"{label} ({total})", step, total))
+            if step_progress
+            else None
+        ),
     )
-    seconds = time.perf_counter() - started
-    scored = [
-        case_metrics(
-            c.case_id,
-            trained.predict(c.image, config.device),
-            np.isin(c.label, pool.lesion_values),
-            c.spacing,
-            config.metrics.size_bins_mm,
-        )
-        for c in test_cases
-    ]
+    seconds = time.perf_counter() - started  # all budgets together (shared steps once)
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in trained.network.state_dict().items()},
-        str(out / "model.safetensors"),
-    )
-    data = {
-        "cell": cell.name,
-        "arm": name,
-        "kind": arm.kind,
-        "share": arm.share,
-        "seed": seed,
-        "steps": steps,
-        "seconds": round(seconds, 2),
-        "batches": trained.counts,
-        "validation": [list(v) for v in trained.validation],
-        "loss_first": trained.losses[0],
-        "loss_last": float(np.mean(trained.losses[-20:])),
-        "summary": summarise(scored, size_bin_names(config.metrics.size_bins_mm)),
-        "cases": [c.to_dict() for c in scored],
-    }
-    plain = jsonable(data)
-    atomic_write_json(result_path, {**plain, "sha256": canonical_json_hash(plain)})
-    logger.info(
-        "%s: dice %.3f, positive patches %.3f (%.0f s)",
-        label,
-        data["summary"]["dice"],
-        trained.counts.get("positive_patch_share", float("nan")),
-        seconds,
-    )
-    return {**data, "cases": scored}
+    results = {}
+    for name, steps in budgets.items():
+        if paths[name].is_file():  # an interrupted pair: the finished run is kept as written
+            results[name] = _read_result(paths[name])
+            continue
+        model = trained[steps]
+        scored = [
+            case_metrics(
+                c.case_id,
+                model.predict(c.image, config.device),
+                np.isin(c.label, pool.lesion_values),
+                c.spacing,
+                config.metrics.size_bins_mm,
+            )
+            for c in test_cases
+        ]
+        out = paths[name].parent
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in model.network.state_dict().items()},
+            str(out / "model.safetensors"),
+        )
+        data = {
+            "cell": cell.name,
+            "arm": name,
+            "kind": arm.kind,
+            "share": arm.share,
+            "seed": seed,
+            "steps": steps,
+            "schedule": cfg.schedule,
+            "selected_step": model.selected_step,
+            "seconds": round(seconds * steps / sum(budgets.values()), 2),
+            "batches": model.counts,
+            "validation": [list(v) for v in model.validation],
+            "loss_first": model.losses[0],
+            "loss_last": float(np.mean(model.losses[-20:])),
+            "summary": summarise(scored, size_bin_names(config.metrics.size_bins_mm)),
+            "cases": [c.to_dict() for c in scored],
+        }
+        plain = jsonable(data)
+        atomic_write_json(paths[name], {**plain, "sha256": canonical_json_hash(plain)})
+        logger.info(
+            "%s (%d steps, weights of step %d): dice %.3f, positive patches %.3f",
+            label,
+            steps,
+            model.selected_step,
+            data["summary"]["dice"],
+            model.counts.get("positive_patch_share", float("nan")),
+        )
+        results[name] = {**data, "cases": scored}
+    return results
 
 
 __all__ = ["DOUBLED", "CellOutcome", "run_cell"]

@@ -101,7 +101,16 @@ class SegmenterConfig:
             exactly 6 values).
         steps: Optimizer steps per run (the budget, equal for every arm and seed).
         batch_size: Samples per step.
-        learning_rate: AdamW learning rate (cosine decay to 0).
+        learning_rate: AdamW peak learning rate.
+        schedule: ``wsd`` (warmup-free "warmup-stable-decay": the peak rate, then a linear
+            decay to 0 over the last ``decay_fraction`` of the steps) or ``cosine``. With
+            ``wsd`` a run of twice the steps shares its first ``(1 - decay_fraction)`` steps
+            with the shorter run exactly, so the convergence check branches off the real arm's
+            run instead of training it again from scratch (same result, less compute).
+        decay_fraction: Share of the steps spent decaying (``wsd``).
+        select: ``best_validation`` keeps the weights with the best validation Dice (measured
+            every ``validate_every`` steps and at the end; the earliest on ties), as MONAI's
+            tutorials do; ``last`` keeps the final weights. Without val cases: the last.
         weight_decay: AdamW weight decay.
         patch_size: Crops of this size (voxels) and sliding-window inference; ``None``
             trains on whole images (all of one shape).
@@ -128,6 +137,9 @@ class SegmenterConfig:
     augment: bool = True
     validate_every: int = 100
     lesion_weight: float = 1.0
+    schedule: Literal["wsd", "cosine"] = "wsd"
+    decay_fraction: float = 0.2
+    select: Literal["best_validation", "last"] = "best_validation"
 
     def __post_init__(self) -> None:
         if self.lesion_weight <= 0:
@@ -144,6 +156,10 @@ class SegmenterConfig:
             )
         if self.validate_every < 0:
             raise EvaluationConfigError("segmenter.validate_every must be >= 0")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise EvaluationConfigError(
+                f"segmenter.decay_fraction must lie in (0, 1], got {self.decay_fraction}"
+            )
 
 
 @dataclass(frozen=True)

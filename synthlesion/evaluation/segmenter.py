@@ -3,14 +3,18 @@
 The recipe follows nnU-Net's spirit: Dice + cross-entropy on lesion vs. everything else,
 foreground oversampling at the batch level (:class:`ArmBatches`: the same share of
 lesion-centred patches for every arm, the rest lesion-free, healthy scans kept as negatives),
-the augmentation recipe of :mod:`synthlesion.augment` on every batch, a cosine learning rate,
-and a validation Dice curve for the convergence check. The network is MONAI's ``UNet`` or
+the augmentation recipe of :mod:`synthlesion.augment` on every batch, a warmup-stable-decay
+learning rate (or cosine), a validation Dice curve and the weights of the best validation Dice.
+:func:`train_segmenters` trains several budgets of one run at once: with the stable-decay
+schedule their common first steps are trained once and the longer runs branch off them (the
+convergence check's run of twice the steps costs 1.2 runs instead of 2). The network is MONAI's ``UNet`` or
 ``BasicUNet`` (2D or 3D). Every random choice comes from generators seeded by the run seed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -285,6 +289,21 @@ class ArmBatches:
         for _ in range(self.steps):
             yield self._batch()
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the stream: ``(image (B, 1, *P) float32, target (B, 1, *P)
+        int64)``."""
+        return self._batch()
+
+    def fork(self) -> ArmBatches:
+        """An independent copy at this point of the stream: both draw the same batches from
+        here on (the cases are shared, the generators, transforms and counts copied)."""
+        twin = copy.copy(self)
+        twin.rng = copy.deepcopy(self.rng)
+        twin.transform = copy.deepcopy(self.transform)
+        twin.paste = copy.deepcopy(self.paste)
+        twin.counts = copy.deepcopy(self.counts)
+        return twin
+
     def _tissue(self, case: ArrayCase) -> np.ndarray:
         """Where a lesion may be pasted: the organ labels, else the scan's foreground."""
         if self.organ_values:
@@ -430,6 +449,9 @@ class TrainedSegmenter:
         losses: Loss per step.
         counts: What the batches held (:class:`BatchCounts` as a dict).
         validation: ``[(step, val Dice)]`` measured during training.
+        steps: Optimizer steps trained.
+        selected_step: The step whose weights ``network`` holds (the best validation Dice, or
+            the last step).
     """
 
     network: torch.nn.Module
@@ -437,6 +459,8 @@ class TrainedSegmenter:
     losses: list[float]
     counts: dict[str, Any] = field(default_factory=dict)
     validation: list[tuple[int, float]] = field(default_factory=list)
+    steps: int = 0
+    selected_step: int = 0
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -506,39 +530,83 @@ def validation_dice(
     return float(np.mean(scores)) if scores else math.nan
 
 
-def train_segmenter(
+def learning_rate_factor(step: int, steps: int, cfg: SegmenterConfig) -> float:
+    """The learning rate of update ``step`` (0-based) of a run of ``steps``, as a share of the
+    peak: ``wsd`` holds the peak, then decays linearly to 0 over the last ``decay_fraction``;
+    ``cosine`` decays from the start."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    stable = _stable_steps(steps, cfg)
+    return 1.0 if step < stable else (steps - step) / (steps - stable)
+
+
+def _stable_steps(steps: int, cfg: SegmenterConfig) -> int:
+    return min(steps - 1, int(round((1.0 - cfg.decay_fraction) * steps)))
+
+
+class _Run:
+    """One training run's state (network, optimizer, batch stream, curve, best weights)."""
+
+    def __init__(self, batches: ArmBatches, cfg: SegmenterConfig, seed: int, device: str) -> None:
+        with _seeded(seed):
+            self.network = build_network(cfg, batches.spatial_dims).to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.batches = batches
+        self.step = 0
+        self.losses: list[float] = []
+        self.validation: list[tuple[int, float]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def fork(self) -> _Run:
+        twin = copy.copy(self)
+        twin.network = copy.deepcopy(self.network)
+        twin.optimizer = torch.optim.AdamW(
+            twin.network.parameters(), lr=self.optimizer.param_groups[0]["lr"]
+        )
+        twin.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        twin.batches = self.batches.fork()
+        twin.losses = list(self.losses)
+        twin.validation = list(self.validation)
+        return twin  # ``best`` holds tensors never changed in place: shared safely
+
+
+def train_segmenters(
     batches: ArmBatches,
     cfg: SegmenterConfig,
     seed: int,
+    budgets: Sequence[int],
     *,
     device: str = "cpu",
     validation: Sequence[ArrayCase] = (),
-    progress: Callable[[int, float], None] | None = None,
-) -> TrainedSegmenter:
-    """Train one network on one arm's batches (``batches.steps`` steps, cosine learning rate).
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[int, TrainedSegmenter]:
+    """Train one network per budget (steps) of one arm and seed.
+
+    Each budget's result is what a run of exactly that many steps gives. With the ``wsd``
+    schedule the runs share their first steps (the peak learning rate), so the shared part is
+    trained once and each longer budget continues from it; with ``cosine`` each budget
+    trains from scratch. The batch stream and initialisation come from ``seed`` and
+    ``batches`` alone, so a budget gives the same weights whichever budgets train with it.
 
     Args:
-        batches: The arm's batches.
-        cfg: Network and optimiser settings.
+        batches: The arm's batches (fresh: nothing drawn yet).
+        cfg: Network, optimiser, schedule and selection settings.
         seed: Network initialisation seed.
+        budgets: Steps of each run (distinct, >= 1).
         device: Torch device.
         validation: Real val cases scored every ``cfg.validate_every`` steps and at the end.
-        progress: Called as ``(step, loss)``.
+        progress: Called as ``(step, budget, loss)``.
 
     Raises:
         EvaluationError: the loss became non-finite.
     """
     from monai.losses import DiceCELoss
 
-    steps = batches.steps
-    with _seeded(seed):
-        network = build_network(cfg, batches.spatial_dims).to(device)
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] < 1:
+        raise EvaluationConfigError(f"budgets must be >= 1 steps, got {list(budgets)}")
     # Dice on the lesion channel only (background would dominate it) plus cross-entropy
     loss_fn = DiceCELoss(
         to_onehot_y=True,
@@ -550,33 +618,102 @@ def train_segmenter(
         weight=torch.tensor([1.0, cfg.lesion_weight], device=device),
     )
     pad = None if cfg.patch_size is not None else _padded
-    trained = TrainedSegmenter(network, cfg.patch_size, [])
     lesion_values = batches.lesion_values
-    network.train()
-    for step, (image, target) in enumerate(batches, start=1):
-        image, target = image.to(device), target.to(device)
-        logits = pad(network, image) if pad is not None else network(image)
-        loss = loss_fn(logits, target)
-        if not torch.isfinite(loss):
-            raise EvaluationError(
-                f"arm {batches.arm.name} seed {seed}: non-finite loss at step {step}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        trained.losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step, trained.losses[-1])
-        every = cfg.validate_every
-        if validation and every and (step % every == 0 or step == steps):
-            trained.validation.append(
-                (step, validation_dice(trained, validation, lesion_values, device))
-            )
-            network.train()
-    network.eval()
-    trained.counts = batches.counts.to_dict()
-    return trained
+    select_best = cfg.select == "best_validation" and bool(validation)
+    last_budget = budgets[-1]
+
+    def advance(run: _Run, until: int, total: int) -> None:
+        run.network.train()
+        while run.step < until:
+            for group in run.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * learning_rate_factor(run.step, total, cfg)
+            image, target = run.batches.next_batch()
+            image, target = image.to(device), target.to(device)
+            logits = pad(run.network, image) if pad is not None else run.network(image)
+            loss = loss_fn(logits, target)
+            if not torch.isfinite(loss):
+                raise EvaluationError(
+                    f"arm {batches.arm.name} seed {seed}: non-finite loss at step {run.step + 1}"
+                )
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            run.step += 1
+            run.losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(run.step, total, run.losses[-1])
+            every = cfg.validate_every
+            if validation and ((every and run.step % every == 0) or run.step == total):
+                _validate(run, validation, lesion_values, device, select_best)
+                run.network.train()
+
+    def finish(run: _Run) -> TrainedSegmenter:
+        trained = TrainedSegmenter(
+            run.network, cfg.patch_size, run.losses, validation=run.validation, steps=run.step
+        )
+        trained.selected_step = run.step
+        if select_best and run.best is not None:
+            _, trained.selected_step, state = run.best
+            run.network.load_state_dict(state)
+        run.network.eval()
+        trained.counts = run.batches.counts.to_dict()
+        return trained
+
+    results: dict[int, TrainedSegmenter] = {}
+    shared = _Run(batches, cfg, seed, device)
+    for budget in budgets:
+        if cfg.schedule == "wsd":
+            advance(shared, _stable_steps(budget, cfg), budget)  # common to every longer run
+            branch = shared if budget == last_budget else shared.fork()
+        else:
+            branch = _Run(batches.fork(), cfg, seed, device)  # nothing shared: from scratch
+        advance(branch, budget, budget)
+        results[budget] = finish(branch)
+    return results
+
+
+def _validate(
+    run: _Run,
+    cases: Sequence[ArrayCase],
+    lesion_values: Sequence[int],
+    device: str,
+    keep_best: bool,
+) -> None:
+    if run.validation and run.validation[-1][0] == run.step:
+        return  # measured at this step already (a branch's shared point)
+    probe = TrainedSegmenter(run.network, run.batches.cfg.patch_size, [])
+    score = validation_dice(probe, cases, lesion_values, device)
+    run.validation.append((run.step, score))
+    if keep_best and math.isfinite(score) and (run.best is None or score > run.best[0]):
+        state = {k: v.detach().clone() for k, v in run.network.state_dict().items()}
+        run.best = (score, run.step, state)
+
+
+def train_segmenter(
+    batches: ArmBatches,
+    cfg: SegmenterConfig,
+    seed: int,
+    *,
+    device: str = "cpu",
+    validation: Sequence[ArrayCase] = (),
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainedSegmenter:
+    """Train one network on one arm's batches (``batches.steps`` steps); see
+    :func:`train_segmenters`.
+
+    Raises:
+        EvaluationError: the loss became non-finite.
+    """
+    steps = batches.steps
+    return train_segmenters(
+        batches,
+        cfg,
+        seed,
+        [steps],
+        device=device,
+        validation=validation,
+        progress=(lambda step, _total, loss: progress(step, loss)) if progress else None,
+    )[steps]
 
 
 __all__ = [
@@ -587,7 +724,9 @@ __all__ = [
     "augmentation_recipe",
     "bottleneck",
     "build_network",
+    "learning_rate_factor",
     "normalise",
     "train_segmenter",
+    "train_segmenters",
     "validation_dice",
 ]

@@ -90,6 +90,9 @@ def _arm_figures(
     return figures
 
 
+PLATEAU_GAIN = 0.02  # val Dice a doubled budget may add and still count as a plateau
+
+
 def _convergence(
     config: EvaluateConfig, outcomes: Sequence[CellOutcome], real: str, budget_key: str
 ) -> dict[str, Any]:
@@ -97,20 +100,25 @@ def _convergence(
     twice = _scores(outcomes, real + DOUBLED)
     resamples, seed = config.metrics.bootstrap, config.metrics.seed
     delta = protocol_comparison(twice, once, resamples=resamples, seed=seed) if twice else None
-    curves = [r["validation"] for o in outcomes for r in o.runs.get(real, {}).values()]
-    curves = [c for c in curves if len(c) >= 2]
     plateau = None
+    once_runs = [r for o in outcomes for r in o.runs.get(real, {}).values()]
+    twice_runs = [r for o in outcomes for r in o.runs.get(real + DOUBLED, {}).values()]
+    curves = [r["validation"] for r in once_runs if len(r["validation"]) >= 2]
     if curves:
-        # the last two validation points of every run: how much the val Dice still moved
-        last = float(np.mean([c[-1][1] for c in curves]))
-        before = float(np.mean([c[-2][1] for c in curves]))
+        # the validation Dice has plateaued when twice the steps finds no better weights
+        # (the best val Dice of the doubled runs against the runs of the budget)
         best = float(np.mean([max(v for _, v in c) for c in curves]))
+        doubled = [r["validation"] for r in twice_runs if r["validation"]]
+        best_twice = float(np.mean([max(v for _, v in c) for c in doubled])) if doubled else None
         plateau = {
-            "val_dice_last": last,
-            "val_dice_previous": before,
             "val_dice_best": best,
-            "change": last - before,
-            "plateaued": abs(last - before) < 0.02 and best - last < 0.02,
+            "val_dice_best_doubled": best_twice,
+            "val_dice_last": float(np.mean([c[-1][1] for c in curves])),
+            "gain_when_doubled": None if best_twice is None else best_twice - best,
+            "plateaued": None if best_twice is None else best_twice - best < PLATEAU_GAIN,
+            "selected_step_share": float(
+                np.mean([r.get("selected_step", r["steps"]) / r["steps"] for r in once_runs])
+            ),
         }
     return {
         "budget": budget_key,
