@@ -18,6 +18,7 @@ from synthlesion.masks.placement import (
     PlacementConstraint,
     PlacementError,
     PlacementRegion,
+    keep_away,
     place_mask,
     placement_region,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "PlacementError",
     "PlacementRegion",
     "jitter_mask",
+    "keep_away",
     "place_mask",
     "placement_region",
     "procedural_mask",

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
 
+from synthlesion.data.boxes import depth_inside, distance_from
 from synthlesion.data.intensity import foreground_mask
 from synthlesion.errors import SynthlesionError
 
@@ -158,8 +158,7 @@ class PlacementConstraint:
                     labels, self.existing_lesion_labels
                 )
             if self.min_border_distance_mm > 0:
-                inside = ndimage.distance_transform_edt(tissue, sampling=spacing)
-                tissue = inside > self.min_border_distance_mm
+                tissue = depth_inside(tissue, spacing) > self.min_border_distance_mm
             allowed &= tissue
         if self.intensity_range is not None:
             if image is None:
@@ -168,10 +167,19 @@ class PlacementConstraint:
             allowed &= (image >= low) & (image <= high)
         if labels is not None and self.existing_lesion_labels:
             lesions = np.isin(labels, self.existing_lesion_labels)
-            if lesions.any():
-                away = ndimage.distance_transform_edt(~lesions, sampling=spacing)
-                allowed &= away > self.min_lesion_distance_mm
+            keep_away(allowed, lesions, self.min_lesion_distance_mm, spacing)
         return allowed
+
+
+def keep_away(
+    allowed: np.ndarray, lesions: np.ndarray, distance_mm: float, spacing: Sequence[float]
+) -> None:
+    """Forbid, in place, every voxel of ``allowed`` within ``distance_mm`` of ``lesions``
+    (worked out in a box around the lesions: the cost follows them, not the scan)."""
+    near = distance_from(lesions, distance_mm, spacing)
+    if near is not None:
+        box, distance = near
+        allowed[box] &= distance > distance_mm
 
 
 def place_mask(

@@ -38,6 +38,7 @@ from synthlesion.errors import ConfigError, GeometryError, ImageReadError
 from synthlesion.masks import (
     PlacementConstraint,
     PlacementError,
+    keep_away,
     place_mask,
     placement_region,
     procedural_mask,
@@ -395,7 +396,7 @@ class HandcraftedCaseGenerator:
             ]
             label_map[placed] = fit.lesion_values[0]
             placed_masks.append(placed)
-            allowed &= ndimage.distance_transform_edt(~placed, sampling=spacing) > 5.0
+            keep_away(allowed, placed, 5.0, spacing)
             lesions.append(
                 {
                     "corner": list(corner),

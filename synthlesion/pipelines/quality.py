@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from synthlesion.data.boxes import bounding_box, distance_from, margin_voxels
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_image, load_mask_for
-from synthlesion.masks.lesions import connected_lesions
+from synthlesion.masks.lesions import ConnectedLesion, connected_lesions
 
 
 @dataclass(frozen=True)
@@ -60,22 +61,27 @@ def lesion_statistics(
             :func:`ring_width_mm`).
         tissue: Optional boolean map the ring is restricted to (e.g. the organ).
     """
-    mask = mask.astype(bool)
-    if not mask.any():
+    width = ring_width_mm(spacing, ring_mm)
+    near = distance_from(mask, width, spacing)  # in a box around the lesion (cost follows it)
+    if near is None:
         raise ValueError("lesion statistics need a non-empty mask")
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    ring = (outside > 0) & (outside <= ring_width_mm(spacing, ring_mm))
-    if tissue is not None and (ring & tissue).any():
-        ring &= tissue
-    values = image[mask].astype(np.float64)
-    ring_values = image[ring].astype(np.float64)
+    box, outside = near
+    inside = outside == 0
+    ring = (outside > 0) & (outside <= width)
+    if tissue is not None:
+        local = np.asarray(tissue)[box].astype(bool)
+        if (ring & local).any():
+            ring &= local
+    crop = image[box]
+    values = crop[inside].astype(np.float64)
+    ring_values = crop[ring].astype(np.float64)
     ring_mean = float(ring_values.mean()) if ring_values.size else float("nan")
     return LesionStats(
         float(values.mean()),
         float(values.std()),
         ring_mean,
         float(values.mean()) - ring_mean,
-        int(mask.sum()),
+        int(inside.sum()),
     )
 
 
@@ -89,8 +95,13 @@ def seam_score(source: np.ndarray, synthetic: np.ndarray, paste_region: np.ndarr
     """Gradient magnitude on the boundary of ``paste_region`` in ``synthetic`` over ``source``.
 
     Values near 1 mean the pasted region blends in; a visible seam gives values well above 1.
+    Computed in a box around the region (the same figure as over the whole scan).
     """
-    region = paste_region.astype(bool)
+    box = bounding_box(paste_region, 3)  # the boundary and its gradient stencil lie inside
+    if box is None:
+        return 1.0
+    region = np.asarray(paste_region)[box].astype(bool)
+    source, synthetic = source[box], synthetic[box]
     boundary = region & ~ndimage.binary_erosion(region)
     boundary |= ndimage.binary_dilation(region) & ~region
     if not boundary.any():
@@ -108,6 +119,44 @@ def seam_score(source: np.ndarray, synthetic: np.ndarray, paste_region: np.ndarr
     before = float(gradient(source)[boundary].mean())
     after = float(gradient(synthetic)[boundary].mean())
     return after / max(before, 1e-6)
+
+
+def scan_lesion_statistics(
+    image: np.ndarray,
+    labels: np.ndarray,
+    lesion_labels: Sequence[int],
+    organ_labels: Sequence[int],
+    spacing: Sequence[float],
+    lesions: Iterable[ConnectedLesion] | None = None,
+) -> list[LesionStats]:
+    """:func:`lesion_statistics` of every lesion of one scan, each in a box around it.
+
+    Args:
+        image: The scan's first channel, shape ``S``.
+        labels: Its label map, shape ``S``.
+        lesion_labels: Lesion label values.
+        organ_labels: Label values the ring is restricted to (empty: no restriction).
+        spacing: Voxel size in mm.
+        lesions: The scan's :func:`~synthlesion.masks.lesions.connected_lesions`, when known.
+    """
+    found = connected_lesions(labels, lesion_labels) if lesions is None else lesions
+    tissue = np.isin(labels, list(organ_labels)) if len(organ_labels) else None
+    pad = margin_voxels(ring_width_mm(spacing), spacing)
+    out = []
+    for lesion in found:
+        box = tuple(
+            slice(max(0, b.start - m), min(n, b.stop + m))
+            for b, m, n in zip(lesion.box, pad, labels.shape, strict=True)
+        )
+        inside = np.zeros([b.stop - b.start for b in box], dtype=bool)
+        inside[tuple(slice(b.start - o.start, b.stop - o.start) for b, o in
+                     zip(lesion.box, box, strict=True))] = lesion.mask  # fmt: skip
+        out.append(
+            lesion_statistics(
+                image[box], inside, spacing, tissue=tissue[box] if tissue is not None else None
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -135,29 +184,11 @@ class RealLesionReference:
             if case.mask is None or case.origin != "real":
                 continue
             image = load_image(case.image)
-            mask = load_mask_for(image, case.mask)
-            labels = np.asarray(mask.array)
+            labels = np.asarray(load_mask_for(image, case.mask).array)
             values = case.lesion_labels if lesion_labels is None else tuple(lesion_labels)
-            tissue = np.isin(labels, list(organ_labels)) if len(organ_labels) else None
-            ring = ring_width_mm(image.spacing)
-            pad = [int(np.ceil(ring / s)) + 2 for s in image.spacing]
-            for lesion in connected_lesions(labels, values):
-                box = tuple(
-                    slice(max(0, b.start - m), min(n, b.stop + m))
-                    for b, m, n in zip(lesion.box, pad, labels.shape, strict=True)
-                )
-                inside = np.zeros([b.stop - b.start for b in box], dtype=bool)
-                offset = tuple(
-                    slice(b.start - o.start, b.stop - o.start)
-                    for b, o in zip(lesion.box, box, strict=True)
-                )
-                inside[offset] = lesion.mask
-                stats = lesion_statistics(
-                    image.array[box],
-                    inside,
-                    image.spacing,
-                    tissue=tissue[box] if tissue is not None else None,
-                )
+            for stats in scan_lesion_statistics(
+                image.array, labels, values, organ_labels, image.spacing
+            ):
                 means.append(stats.mean)
                 stds.append(stats.std)
                 contrasts.append(stats.contrast)

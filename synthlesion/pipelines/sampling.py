@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
 from synthlesion.config import check_counts
 from synthlesion.data.cases import Case
@@ -42,17 +41,18 @@ from synthlesion.masks import (
     PlacementError,
     PlacementRegion,
     jitter_mask,
+    keep_away,
     place_mask,
     placement_region,
     procedural_mask,
 )
-from synthlesion.masks.lesions import case_has_lesion, nest_classes
+from synthlesion.masks.lesions import nest_classes
 from synthlesion.pipelines.lesion_synthesis import (
     LesionSynthesisPipeline,
     SynthesisError,
     read_training_record,
 )
-from synthlesion.pipelines.quality import RealLesionReference
+from synthlesion.pipelines.train_lesions import train_lesions
 from synthlesion.provenance.errors import GeneratorRecordError, ProvenanceError
 from synthlesion.provenance.identity import GeneratorRef
 from synthlesion.provenance.run import (
@@ -209,29 +209,21 @@ def run_sampling(
     skipped = len(cases) - len(train_cases)
     if skipped:
         logger.info("%d case(s) of val/test patients are not used as sources", skipped)
-    presence = {c.case_id: case_has_lesion(c, lesion_values) for c in sources}
-    lesion_cases = [c for c in sources if presence[c.case_id]]
+    # every labelled train scan read once (lesion presence, bank, gate reference), cached
+    # beside the splits file: a rerun opens only the scans that changed
+    known = train_lesions(sources, lesion_values, organ_values, cache_beside=splits_path)
+    presence = known.presence
     if options.healthy_only:
         sources = [c for c in sources if not presence[c.case_id]]
     sources.sort(key=lambda c: (presence[c.case_id], c.case_id))  # healthy first
     if not sources:
         raise SynthesisError(f"{data}: no labelled source scan in the train split")
 
-    bank = None
-    if options.mask_source in ("bank", "procedural"):
-        try:
-            bank = MaskBank.from_cases(lesion_cases, lesion_labels=lesion_values)
-        except PlacementError:
-            if options.mask_source == "bank":
-                raise SynthesisError(
-                    f"{data}: no real lesion in the train split to transplant"
-                ) from None
-    reference = None
-    try:
-        reference = RealLesionReference.from_cases(
-            lesion_cases, organ_labels=organ_values, lesion_labels=lesion_values
-        )
-    except ValueError:
+    bank = known.bank() if options.mask_source in ("bank", "procedural") else None
+    if bank is None and options.mask_source == "bank":
+        raise SynthesisError(f"{data}: no real lesion in the train split to transplant")
+    reference = known.reference()
+    if reference is None:
         logger.warning("no real lesion in the train split: quality gates run without a reference")
 
     pipeline = LesionSynthesisPipeline.from_pretrained(
@@ -585,12 +577,7 @@ def _target_mask(
         inside = placed > 0
         target[inside] = placed[inside]
         facts["lesions"].append({**drawn, "corner": list(corner), "voxels": int(inside.sum())})
-        # keep later lesions away from this one
-        away = (
-            ndimage.distance_transform_edt(~inside, sampling=spacing)
-            > options.min_lesion_distance_mm
-        )
-        allowed &= away
+        keep_away(allowed, inside, options.min_lesion_distance_mm, spacing)  # later lesions
     if options.mask_source == "bank" and facts["lesions"]:
         first = facts["lesions"][0]
         facts.update({k: first[k] for k in ("source_case", "source_patient", "mask_sha256")})

@@ -1,0 +1,285 @@
+"""What the generators need to know about the train split's real lesions, read once.
+
+Sampling and the hand-crafted generator start by reading every labelled train scan: which
+scans hold a lesion, the bank of real lesion shapes to transplant
+(:class:`~synthlesion.masks.MaskBank`) and the intensity reference of the quality gates
+(:class:`~synthlesion.pipelines.quality.RealLesionReference`). :func:`train_lesions` reads each
+scan once for all three, measures each lesion in a box around it, and keeps the answers in a
+cache beside the splits file (the data's lock): ``<splits>.train-lesions-<settings>.npz``. A
+later run reads the cache and opens only the scans whose files changed (size or modification
+time), so its set-up costs the same for a 128^3 or a 512^3 scan. A cache that cannot be
+written (a read-only folder) or read back (edited, truncated, another format) is recomputed,
+with a warning; it never decides anything the scans would not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthlesion.data.cases import Case
+from synthlesion.data.io import image_grid, load_image, load_mask_for
+from synthlesion.masks.lesions import MIN_LESION_VOXELS, connected_lesions
+from synthlesion.masks.shapes import BankLesion, MaskBank
+from synthlesion.pipelines.quality import LesionStats, RealLesionReference, scan_lesion_statistics
+from synthlesion.storage import atomic_write_bytes, canonical_json_hash, sha256_bytes, sha256_file
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "synthlesion-train-lesions/1"
+
+
+@dataclass(frozen=True)
+class ScanLesions:
+    """One labelled scan's lesions.
+
+    Attributes:
+        case_id: The case.
+        has_lesion: Whether its label map holds a lesion voxel.
+        shapes: Its lesions cut out for the bank (connected, specks skipped).
+        stats: Intensity statistics of the same lesions, first channel.
+    """
+
+    case_id: str
+    has_lesion: bool
+    shapes: tuple[BankLesion, ...] = ()
+    stats: tuple[LesionStats, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainLesions:
+    """The train split's real lesions, as the generators' set-up needs them.
+
+    Attributes:
+        scans: Per labelled scan, by case id.
+        n_classes: Lesion classes (label values given).
+    """
+
+    scans: dict[str, ScanLesions]
+    n_classes: int
+
+    @property
+    def presence(self) -> dict[str, bool]:
+        """Case id -> whether the scan holds a lesion voxel."""
+        return {k: v.has_lesion for k, v in self.scans.items()}
+
+    def bank(self) -> MaskBank | None:
+        """The bank of every lesion shape (``None``: no lesion)."""
+        shapes = [s for scan in self.scans.values() for s in scan.shapes]
+        return MaskBank(shapes, self.n_classes) if shapes else None
+
+    def reference(self) -> RealLesionReference | None:
+        """The quality gates' reference (``None``: no lesion)."""
+        stats = [s for scan in self.scans.values() for s in scan.stats]
+        if not stats:
+            return None
+        return RealLesionReference(
+            tuple(s.mean for s in stats),
+            tuple(s.std for s in stats),
+            tuple(s.contrast for s in stats),
+        )
+
+
+def measure_scan(
+    case: Case,
+    lesion_labels: Sequence[int],
+    organ_labels: Sequence[int],
+    min_voxels: int = MIN_LESION_VOXELS,
+) -> ScanLesions:
+    """Read one labelled scan once: lesion presence, shapes and statistics.
+
+    The label map is read onto the image's grid (:func:`~synthlesion.data.io.load_mask_for`:
+    geometry checked); the image's voxels are read only when the scan holds a lesion.
+    """
+    if case.mask is None:
+        return ScanLesions(case.case_id, False)
+    mask = load_mask_for(image_grid(case.image), case.mask)  # the image's voxels wait
+    labels = np.asarray(mask.array)
+    if labels.dtype.kind == "f":
+        labels = np.rint(labels).astype(np.int64)  # integer-valued float label maps
+    found = bool(np.isin(labels, list(lesion_labels)).any())
+    if case.has_lesion is not None and bool(case.has_lesion) != found:
+        logger.warning(
+            "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
+            case.case_id,
+            case.has_lesion,
+            case.mask,
+            "holds" if found else "holds no",
+        )
+    if not found or case.origin != "real":
+        return ScanLesions(case.case_id, found)
+    lesions = list(connected_lesions(labels, lesion_labels, min_voxels=min_voxels))
+    digest = sha256_file(case.mask) if lesions else ""
+    voxel = float(np.prod(mask.spacing))
+    shapes = tuple(
+        BankLesion(
+            lesion.classes,
+            tuple(mask.spacing),
+            case.case_id,
+            case.patient_id,
+            digest,
+            float(lesion.voxels) * voxel,
+        )
+        for lesion in lesions
+    )
+    image = load_image(case.image)
+    stats = scan_lesion_statistics(
+        np.asarray(image.array), labels, lesion_labels, organ_labels, image.spacing, lesions
+    )
+    return ScanLesions(case.case_id, True, shapes, tuple(stats))
+
+
+def train_lesions(
+    cases: Sequence[Case],
+    lesion_labels: Sequence[int],
+    organ_labels: Sequence[int],
+    *,
+    cache_beside: str | Path | None = None,
+) -> TrainLesions:
+    """Every labelled case's lesions (:func:`measure_scan`), from the cache where it holds them.
+
+    Args:
+        cases: The labelled real train cases.
+        lesion_labels: Lesion label values, in class order.
+        organ_labels: Label values the statistics' ring is restricted to.
+        cache_beside: The splits file; the cache lives beside it (``None``: no cache).
+    """
+    settings = {
+        "format": CACHE_FORMAT,
+        "lesion_labels": [int(v) for v in lesion_labels],
+        "organ_labels": [int(v) for v in organ_labels],
+        "min_voxels": MIN_LESION_VOXELS,
+    }
+    path = None
+    if cache_beside is not None:
+        lock = Path(cache_beside)
+        path = lock.with_name(f"{lock.name}.train-lesions-{canonical_json_hash(settings)[:12]}.npz")
+    cached = _read_cache(path) if path is not None and path.is_file() else {}
+    scans: dict[str, ScanLesions] = {}
+    fresh = 0
+    for case in cases:
+        if case.mask is None:
+            continue
+        key = _fingerprint(case)
+        entry = cached.get(case.case_id)
+        if entry is not None and entry[0] == key:
+            scans[case.case_id] = entry[1]
+            continue
+        scans[case.case_id] = measure_scan(case, lesion_labels, organ_labels)
+        cached[case.case_id] = (key, scans[case.case_id])
+        fresh += 1
+    if fresh:
+        logger.info("read %d labelled scan(s) (%d from the cache)", fresh, len(scans) - fresh)
+    else:
+        logger.info("every labelled scan's lesions read from the cache %s", path)
+    if path is not None and fresh:
+        _write_cache(path, cached, settings)
+    return TrainLesions(scans, max(1, len(lesion_labels)))
+
+
+def _fingerprint(case: Case) -> list[Any]:
+    """What a cached entry must still match: the files' paths, sizes and modification times."""
+    out: list[Any] = [case.origin, case.patient_id, case.has_lesion]
+    for file in (case.image, case.mask):
+        path = Path(file)  # type: ignore[arg-type]
+        try:
+            stat = path.stat()
+            out.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            out.append([str(path), None, None])  # unreadable: never matches a cached entry
+    return out
+
+
+def _write_cache(
+    path: Path, entries: dict[str, tuple[list[Any], ScanLesions]], settings: dict[str, Any]
+) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    index = []
+    for case_id, (key, scan) in sorted(entries.items()):
+        shapes = []
+        for shape in scan.shapes:
+            name = f"p{len(arrays)}"
+            arrays[name] = np.ascontiguousarray(shape.patch, dtype=np.uint8)
+            shapes.append(
+                {
+                    "patch": name,
+                    "spacing": list(shape.spacing),
+                    "source_case": shape.source_case,
+                    "source_patient": shape.source_patient,
+                    "mask_sha256": shape.mask_sha256,
+                    "volume_mm3": shape.volume_mm3,
+                }
+            )
+        index.append(
+            {
+                "case_id": case_id,
+                "key": key,
+                "has_lesion": scan.has_lesion,
+                "shapes": shapes,
+                "stats": [[s.mean, s.std, s.ring_mean, s.contrast, s.voxels] for s in scan.stats],
+            }
+        )
+    text = json.dumps({**settings, "scans": index}, allow_nan=True)
+    digest = _content_hash(text, arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, index=np.array(text), sha256=np.array(digest), **arrays)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        logger.warning("could not write the set-up cache %s (%s); the next run reads the "
+                       "scans again", path, exc)  # fmt: skip
+
+
+def _content_hash(text: str, arrays: dict[str, np.ndarray]) -> str:
+    parts = [text.encode()]
+    for name in sorted(arrays):
+        a = arrays[name]
+        parts += [name.encode(), str(a.shape).encode(), a.tobytes()]
+    return sha256_bytes(b"\0".join(parts))
+
+
+def _read_cache(path: Path) -> dict[str, tuple[list[Any], ScanLesions]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            text = str(data["index"])
+            arrays = {k: data[k] for k in data.files if k not in ("index", "sha256")}
+            recorded = str(data["sha256"])
+        if recorded != _content_hash(text, arrays):
+            raise ValueError("its content does not match its sha256 (edited?)")
+        record = json.loads(text)
+        if record.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, expected {CACHE_FORMAT}")
+        out = {}
+        for row in record["scans"]:
+            shapes = tuple(
+                BankLesion(
+                    arrays[s["patch"]],
+                    tuple(float(v) for v in s["spacing"]),
+                    s["source_case"],
+                    s["source_patient"],
+                    s["mask_sha256"],
+                    float(s["volume_mm3"]),
+                )
+                for s in row["shapes"]
+            )
+            stats = tuple(
+                LesionStats(float(m), float(sd), float(r), float(c), int(v))
+                for m, sd, r, c, v in row["stats"]
+            )
+            scan = ScanLesions(row["case_id"], bool(row["has_lesion"]), shapes, stats)
+            out[row["case_id"]] = (row["key"], scan)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        logger.warning("set-up cache %s unreadable (%s); reading the scans again", path, exc)
+        return {}
+
+
+__all__ = ["ScanLesions", "TrainLesions", "measure_scan", "train_lesions"]
