@@ -9,7 +9,12 @@
 (c) on a GPU, seconds per 64^3-ROI lesion (set against LeFusion's ~40 s per lesion on an A100);
 (d) seconds per lesion for a 4-channel 3D case (FLAIR/T1/T1c/T2 painted jointly by one model)
     against a 1-channel case, same network body, ROI, steps and scan: the joint model must not
-    cost a model per channel (goal: at most 1.3x).
+    cost a model per channel (goal: at most 1.3x);
+(e) the set-up before the first lesion (which train scans hold a lesion, the bank of lesion
+    shapes, the gates' reference statistics) per scan of 128^3, 240x240x155 (two channels, as
+    BraTS) and 512^3, read from .nii.gz: cold (every scan read) and warm (the cache beside the
+    splits file), against the former way (three readers, one per question) side by side
+    (goal: under 2 s per 240x240x155 scan; warm set-up flat from 128^3 to 512^3).
 
 The last line is one line of JSON holding every figure.
 
@@ -100,6 +105,26 @@ def part_a(
     print(f"    ROI cost {sizes[-1]}^3 / {sizes[0]}^3: {ratio:.2f} (target <= 1.3)")
 
 
+def cpu_3d_lesion(figures: dict, device: str) -> None:
+    """Seconds per lesion with the model of ``configs/train_phantom3d_cpu.yaml`` (ROI 32^3,
+    20 DPM-Solver++ steps, one lesion in a 128^3 scan)."""
+    from synthlesion.training.config import load_train_config
+
+    config = load_train_config(Path(__file__).parents[1] / "configs" / "train_phantom3d_cpu.yaml")
+    torch.manual_seed(0)
+    model = LesionDiffusionModel.from_config(config.model)
+    pipe = LesionSynthesisPipeline(
+        model, IntensityNormaliser.for_modality("CT"), tuple(config.data.roi_size), device=device
+    )
+    image, lesion = ct_volume(128)
+    small = np.zeros_like(lesion)
+    small[58:70, 58:70, 58:70] = lesion[58:70, 58:70, 58:70]  # fits the 32^3 ROI with margin
+    time_call(pipe, image, small, 1)
+    seconds = min(time_call(pipe, image, small, 20) for _ in range(2))
+    figures["seconds_per_lesion_cpu_3d"] = round(seconds, 3)
+    print(f"    3D CPU config (ROI 32^3, 20 DPM-Solver++ steps): {seconds:.2f} s per lesion")
+
+
 def part_b(figures: dict, model_dir: str | None, quick: bool, device: str) -> None:
     from synthlesion.data.io import load_image
     from synthlesion.data.sources import load_cases
@@ -169,6 +194,8 @@ def part_b(figures: dict, model_dir: str | None, quick: bool, device: str) -> No
                 f"|mean - real| {r['mean_distance']:6.1f}  contrast {r['contrast']:6.1f} "
                 f"(real {real_contrast:.1f})"
             )
+        if not device.startswith("cuda"):
+            figures["seconds_per_lesion_cpu_2d"] = round(results["dpmsolver20"]["s_per_lesion"], 3)
         ratio = results["ddpm1000"]["s_per_lesion"] / results["dpmsolver20"]["s_per_lesion"]
         figures["ddpm_over_dpmsolver_time"] = round(ratio, 2)
         print(f"    DDPM/DPM-Solver++ time ratio {ratio:.1f}x")
@@ -241,6 +268,87 @@ def part_d(figures: dict, size: int, roi: int, steps: int, repeats: int, device:
     figures["channels_ratio_4ch_over_1ch"] = round(ratio, 3)
 
 
+def _setup_scan(folder: Path, shape: tuple[int, ...], channels: int, seed: int = 0):
+    """A head-like scan (organ label 1, six lesions of label 2) written as .nii.gz."""
+    import nibabel as nib
+
+    from synthlesion.data.cases import Case
+
+    rng = np.random.default_rng(seed)
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    centre = [n / 2 for n in shape]
+    inside = (
+        sum(((g - c) / (0.42 * n)) ** 2 for g, c, n in zip(grid, centre, shape, strict=True)) < 1
+    )
+    labels = inside.astype(np.uint8)
+    for _ in range(6):
+        at = [c + rng.uniform(-0.18, 0.18) * n for c, n in zip(centre, shape, strict=True)]
+        radius = rng.uniform(4, 10)
+        labels[sum((g - a) ** 2 for g, a in zip(grid, at, strict=True)) < radius**2] = 2
+    base = np.where(inside, 400.0, 0.0).astype(np.float32)
+    images = []
+    name = "x".join(map(str, shape))
+    for k in range(channels):
+        noisy = base + 60.0 * (labels == 2) + rng.normal(0, 20, shape).astype(np.float32)
+        path = folder / f"{name}_{k:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(noisy.astype(np.float32), np.eye(4)), path)
+        images.append(path)
+    mask = folder / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), mask)
+    labels_map = {0: "background", 1: "brain", 2: "lesion"}
+    return Case(name, name, tuple(images), mask, "MRI", labels_map)
+
+
+def part_e(figures: dict, quick: bool) -> None:
+    from synthlesion.masks.lesions import case_has_lesion
+    from synthlesion.masks.shapes import MaskBank
+    from synthlesion.pipelines.quality import RealLesionReference
+    from synthlesion.pipelines.train_lesions import train_lesions
+
+    shapes = {"128": ((128,) * 3, 1), "240x240x155": ((240, 240, 155), 2)}
+    shapes["512"] = ((256,) * 3, 1) if quick else ((512,) * 3, 1)
+    print("(e) set-up per scan (presence, bank, reference): cold / warm (cache) / former way")
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, (shape, channels) in shapes.items():
+            folder = Path(tmp) / key
+            folder.mkdir()
+            case = _setup_scan(folder, shape, channels)
+            lock = folder / "splits.json"
+            lock.write_text("{}")
+            started = time.perf_counter()
+            known = train_lesions([case], (2,), (1,), cache_beside=lock)
+            cold = time.perf_counter() - started
+            started = time.perf_counter()
+            warm_known = train_lesions([case], (2,), (1,), cache_beside=lock)
+            warm = time.perf_counter() - started
+            started = time.perf_counter()
+            case_has_lesion(case, (2,))
+            bank = MaskBank.from_cases([case], lesion_labels=(2,))
+            reference = RealLesionReference.from_cases(
+                [case], organ_labels=(1,), lesion_labels=(2,)
+            )
+            former = time.perf_counter() - started
+            if warm_known.reference() != known.reference() or reference != known.reference():
+                raise SystemExit(f"{key}: the cached set-up differs from the scan's")
+            if len(bank.lesions) != len(known.bank().lesions):
+                raise SystemExit(f"{key}: the bank differs from the former reader's")
+            figures[f"setup_cold_s_per_scan_{key}"] = round(cold, 3)
+            figures[f"setup_s_per_scan_{key}"] = round(warm, 4)
+            figures[f"setup_former_s_per_scan_{key}"] = round(former, 3)
+            print(f"    {key:12s} cold {cold:7.2f} s   warm {warm:7.4f} s   former {former:7.2f} s"
+                  f"   ({len(known.bank().lesions)} lesions)")  # fmt: skip
+    figures["setup_ratio_512_vs_128"] = round(
+        figures["setup_s_per_scan_512"] / figures["setup_s_per_scan_128"], 3
+    )
+    figures["setup_cold_ratio_512_vs_128"] = round(
+        figures["setup_cold_s_per_scan_512"] / figures["setup_cold_s_per_scan_128"], 2
+    )
+    print(
+        f"    warm 512/128: {figures['setup_ratio_512_vs_128']:.2f} (goal: flat); cold "
+        f"{figures['setup_cold_ratio_512_vs_128']:.1f} (reading {512**3 // 128**3}x the voxels)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="lesion synthesis benchmark")
     parser.add_argument("--quick", action="store_true")
@@ -249,6 +357,8 @@ def main() -> int:
     parser.add_argument("--skip-b", action="store_true", help="timing parts only")
     parser.add_argument("--skip-a", action="store_true", help="quality part only")
     parser.add_argument("--skip-d", action="store_true", help="no 4-channel vs 1-channel part")
+    parser.add_argument("--skip-e", action="store_true", help="no set-up part")
+    parser.add_argument("--only-setup", action="store_true", help="only part (e): the set-up")
     parser.add_argument(
         "--only-channels", action="store_true", help="only part (d): 4 channels against 1"
     )
@@ -260,13 +370,17 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     figures: dict = {"bench": "sample", "device": args.device, "threads": torch.get_num_threads()}
     if args.only_channels:
-        args.skip_a = args.skip_b = True
+        args.skip_a = args.skip_b = args.skip_e = True
+    if args.only_setup:
+        args.skip_a = args.skip_b = args.skip_d = True
     if args.skip_a:
         pass
     elif args.quick:
         part_a(figures, [32, 64], steps=2, roi=32, device=args.device, whole_max=64)
     else:
         part_a(figures, [64, 128, 256], steps=2, roi=48, device=args.device, whole_max=256)
+    if not args.skip_a and not args.device.startswith("cuda"):
+        cpu_3d_lesion(figures, args.device)
     if not args.skip_b:
         part_b(figures, args.model, args.quick, args.device)
     if args.device.startswith("cuda"):
@@ -292,6 +406,10 @@ def main() -> int:
             part_d(figures, 96, roi=32, steps=3, repeats=3, device=args.device)
         else:
             part_d(figures, 240, roi=48, steps=10, repeats=5, device=args.device)
+    if not args.skip_e:
+        part_e(figures, args.quick)
+    if not args.device.startswith("cuda"):
+        figures["gpu"] = None  # no GPU in this run: the GPU figures are not measured
     print(json.dumps(figures))
     return 0
 

@@ -8,6 +8,13 @@
    preparation time and the cost of drawing one crop.
 3. Peak memory: tracemalloc (Python and numpy allocations) while preparing each 3D dataset,
    and the process's peak resident memory (``resource.getrusage``).
+5. The tiny 3D config (configs/train_phantom3d_cpu.yaml): one optimizer step of synthlesion's
+   loop against a bare MONAI ``DiffusionModelUNet`` forward/backward/AdamW step on a batch of
+   the same shape (random tensors: no data, no EMA, no guards), run alternately
+   (``train3d_step_s``, ``bare_monai_step_s``, ``train3d_step_ratio``; goal <= 3), and a
+   per-phase profile of a short run with validation, previews and checkpoints (cProfile's
+   cumulative seconds of the loop's phases: data preparation, crop drawing, forward + loss,
+   backward, optimizer, EMA, validation and previews, checkpointing, export).
 4. Quality: the tiny CPU config (configs/train_phantom2d_cpu.yaml) on the 2D MRI phantom:
    validation loss at the start and the end, and the lesion-to-surrounding contrast generated
    inside real target masks against the real lesions' (preview crops, and 32 more crops
@@ -37,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train_phantom2d_cpu.yaml"
+TINY3D = ROOT / "configs" / "train_phantom3d_cpu.yaml"
 NO_EVAL = [
     "validation.every_n_steps=0",
     "validation.num_crops=0",
@@ -280,6 +288,124 @@ def bench_roi(tmp: Path, steps: int, rounds: int) -> dict:
     return figures
 
 
+# --- 5. the tiny 3D config against bare MONAI --------------------------------------------------
+
+
+def bare_monai_steps(config, steps: int) -> list[float]:
+    """Forward, MSE loss, backward and AdamW of a bare MONAI ``DiffusionModelUNet`` with the
+    config's network on random tensors of the config's batch shape."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    from synthlesion.models.pixel import pixel_in_channels
+
+    m = config.model
+    torch.manual_seed(0)
+    net = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=pixel_in_channels(m),
+        out_channels=m.image_channels,
+        num_res_blocks=m.layers_per_block,
+        channels=tuple(m.channels),
+        attention_levels=tuple(m.attention_levels),
+        norm_num_groups=m.norm_num_groups,
+        num_head_channels=m.attention_head_dim,
+    )
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.optim.learning_rate)
+    shape = (config.batch_size, pixel_in_channels(m), *config.data.roi_size)
+    x = torch.randn(shape)
+    target = torch.randn((config.batch_size, m.image_channels, *config.data.roi_size))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        t = torch.randint(0, m.num_train_timesteps, (config.batch_size,))
+        loss = torch.nn.functional.mse_loss(net(x, timesteps=t), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+PHASES = {  # phase -> functions whose cumulative time it is (cProfile keys: file end, name)
+    "data_preparation": [("training/data.py", "load_training_data")],
+    "crop_drawing": [("training/crops.py", "__getitem__")],
+    "batch_wait": [("torch/utils/data/dataloader.py", "__next__")],
+    "forward_loss": [("models/lesion_diffusion.py", "training_loss")],
+    "backward": [("accelerate/accelerator.py", "backward")],
+    "optimizer": [("accelerate/optimizer.py", "step")],
+    "ema": [("training/ema.py", "step")],
+    "validation_previews": [("training/loop.py", "evaluate")],
+    "checkpointing": [("training/loop.py", "save")],
+    "export": [("training/record.py", "export_model")],
+}
+
+
+def bench_train3d(tmp: Path, steps: int, rounds: int) -> dict:
+    import cProfile
+    import pstats
+
+    from synthlesion.training import load_train_config, train
+    from synthlesion.training.data import ensure_phantom
+
+    def config(name: str, n: int, extra: list[str]):
+        return load_train_config(
+            TINY3D,
+            [
+                f"data.dataset={tmp / 'phantom3d' / 'dataset.json'}",
+                f"data.splits={tmp / 'phantom3d' / 'splits.json'}",
+                f"max_steps={n}",
+                f"output_dir={tmp / name}",
+                f"log_every_n_steps={n}",
+                "report_to=none",
+                *extra,
+            ],
+        )
+
+    ensure_phantom(config("unused", 1, []).data, spatial_dims=3)
+    ours, bare = [], []
+    for r in range(rounds):
+        for which in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+            if which == "bare":
+                bare += bare_monai_steps(config("bare", steps, NO_EVAL), steps)[2:]
+            else:
+                ours += train(config(f"train3d{r}", steps, NO_EVAL)).step_seconds[2:]
+    figures = {
+        "train3d_step_s": statistics.median(ours),
+        "bare_monai_step_s": statistics.median(bare),
+    }
+    figures["train3d_step_ratio"] = figures["train3d_step_s"] / figures["bare_monai_step_s"]
+    # the phases of a short run with validation, previews, checkpoints and the export
+    every = max(steps // 2, 1)
+    profiled = config(
+        "profiled",
+        steps,
+        [
+            f"validation.every_n_steps={every}",
+            "validation.num_crops=4",
+            "validation.num_preview=2",
+            "validation.num_inference_steps=10",
+            f"checkpoint.every_n_steps={every}",
+            "report_to=none",
+        ],
+    )
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.runcall(train, profiled)
+    total = time.perf_counter() - started
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    phases = {}
+    for phase, keys in PHASES.items():
+        seconds = 0.0
+        for (file, _line, name), (_cc, _nc, _tt, cumulative, _callers) in stats.items():
+            if name in {k[1] for k in keys} and any(file.endswith(k[0]) for k in keys):
+                seconds += cumulative
+        phases[phase] = round(seconds, 3)
+    phases["total"] = round(total, 3)
+    phases["steps"] = steps
+    figures["train3d_phases_s"] = phases
+    return figures
+
+
 # --- 4. quality ----------------------------------------------------------------------------
 
 
@@ -373,6 +499,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     steps, rounds = (8, 1) if args.quick else (15, 4)
     steps3d, rounds3d = (3, 1) if args.quick else (8, 2)
+    steps3d_tiny = 6 if args.quick else 20
     figures: dict = {
         "quick": args.quick,
         "python": platform.python_version(),
@@ -413,11 +540,22 @@ def main() -> int:
             f" vs {figures['roi3d_tracemalloc_peak_256_mb']:.1f} MB",
             flush=True,
         )
+        figures.update(bench_train3d(tmp, steps3d_tiny, rounds3d))
+        print(
+            f"tiny 3D config: synthlesion step {figures['train3d_step_s']:.3f} s, bare MONAI "
+            f"DiffusionModelUNet step {figures['bare_monai_step_s']:.3f} s, ratio "
+            f"{figures['train3d_step_ratio']:.2f} (goal <= 3)",
+            flush=True,
+        )
+        print(
+            f"  phases of a {steps3d_tiny}-step run (s): {figures['train3d_phases_s']}", flush=True
+        )
         figures.update(bench_quality(tmp, data, args.quick))
         figures["peak_rss_mb"] = _rss_mb()
         figures["total_s"] = time.perf_counter() - started
     figures["pass_overhead"] = figures["overhead_ratio"] <= 1.10
     figures["pass_roi_ratio"] = figures["roi3d_step_ratio_256_vs_64"] <= 1.2
+    figures["pass_train3d_ratio"] = figures["train3d_step_ratio"] <= 3.0
     figures["pass_val_loss"] = figures["val_loss_ratio"] <= 0.5
     figures["pass_contrast"] = (
         figures["eval_contrast_rel_error"] <= 0.15 and figures["preview_contrast_rel_error"] <= 0.15

@@ -18,6 +18,7 @@ from synthlesion.config import (
     add_override_argument,
     bounded_count_arg,
     count_arg,
+    device_arg,
     length_arg,
     parse_assignment,
     positive_arg,
@@ -426,7 +427,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=bounded_count_arg(1, 4096), default=8, help="regions per network call"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--mask-source", choices=["bank", "procedural", "user"], default="bank")
     p.add_argument("--user-masks", default=None, help="folder of {source case id}.nii.gz masks")
     p.add_argument(

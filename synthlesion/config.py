@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -246,6 +247,52 @@ def bounded_count_arg(low: int, high: int) -> Callable[[str], int]:
     """A whole number in ``[low, high]``, for sizes and counts whose cost grows with them (a
     typo of 10**9 fails as a usage error instead of filling memory)."""
     return _ranged(int, lambda v: low <= v <= high, f"a whole number in [{low}, {high}]")
+
+
+def check_device(device: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        ConfigError: an unknown device, or a GPU that torch cannot see (no GPU, a CPU-only torch
+            build, ``CUDA_VISIBLE_DEVICES`` hiding it, ``cuda:N`` past the last GPU).
+    """
+    text = str(device).strip()
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"device {text!r}: use cpu, cuda, cuda:N or mps")
+    if kind == "cpu":
+        return text
+    import torch
+
+    if kind == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {text!r}: no Apple GPU (MPS) is available; use cpu")
+        return text
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ConfigError(
+            f"device {text!r}: torch sees no CUDA GPU (torch {torch.__version__}, {build}"
+            + (
+                f"; CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
+                if "CUDA_VISIBLE_DEVICES" in os.environ
+                else ""
+            )
+            + "); use --device cpu, or install the CUDA build of torch on a GPU machine"
+        )
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {text!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return text
+
+
+def device_arg(text: str) -> str:
+    """:func:`check_device` as an argparse type (a usage error, not a traceback)."""
+    try:
+        return check_device(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def regex_arg(text: str) -> str:

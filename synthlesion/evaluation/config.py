@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from synthlesion.config import load_config, read_mapping
+from synthlesion.config import check_device, load_config, read_mapping
 from synthlesion.errors import ConfigError
 from synthlesion.evaluation.errors import EvaluationConfigError
 from synthlesion.pipelines.handcrafted import HandcraftedConfig
@@ -365,6 +365,10 @@ class EvaluateConfig:
             )
         if not self.splits:
             raise EvaluationConfigError("splits: at least one locked splits file is needed")
+        try:
+            check_device(self.device)
+        except ConfigError as exc:
+            raise EvaluationConfigError(str(exc)) from None
         if len({str(s) for s in self.splits}) != len(self.splits):
             raise EvaluationConfigError("splits: the same splits file is listed twice")
         if not self.arms:

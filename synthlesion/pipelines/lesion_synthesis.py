@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from synthlesion.config import check_device
 from synthlesion.data.intensity import IntensityNormaliser
 from synthlesion.data.volume import Volume
 from synthlesion.errors import SynthlesionError
@@ -194,7 +195,7 @@ class LesionSynthesisPipeline:
             )
         self.normaliser = normaliser
         self.roi_size = tuple(int(s) for s in roi_size)
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(str(device)))
         self.dtype = dtype
         self.reference = reference
         self.gate = gate or QualityGate()

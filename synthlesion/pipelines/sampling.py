@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from synthlesion.config import check_counts
+from synthlesion.config import check_counts, check_device
 from synthlesion.data.cases import Case
 from synthlesion.data.io import load_case_volumes, load_mask_for
 from synthlesion.data.sources import load_cases
@@ -142,6 +142,10 @@ class SampleOptions:
             problems.append(
                 f"lesion_volume_mm3 must be 0 < low <= high, got {self.lesion_volume_mm3}"
             )
+        try:
+            check_device(self.device)
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("sample options: " + "; ".join(problems))
 
