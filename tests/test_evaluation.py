@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,18 @@ def tiny(world: dict, out: Path, **extra) -> EvaluateConfig:
 
 
 # --- config ---------------------------------------------------------------------------------
+
+
+def test_steps_by_budget_reads_yaml_and_json_keys_and_refuses_nonsense():
+    from synthlesion.evaluation.config import SegmenterConfig
+
+    cfg = SegmenterConfig(steps=100, steps_by_budget={16: 300, "4": 50})
+    assert (cfg.steps_for("16"), cfg.steps_for("4"), cfg.steps_for("8")) == (300, 50, 100)
+    assert cfg.steps_for("all") == 300  # the upper reference: the largest
+    assert SegmenterConfig(steps=100, steps_by_budget={"all": 70}).steps_for("all") == 70
+    for bad in ({"b4": 10}, {4: 0}, {"x": 5}):
+        with pytest.raises(EvaluationConfigError, match="steps_by_budget"):
+            SegmenterConfig(steps_by_budget=bad)
 
 
 @pytest.mark.parametrize("share", [1.5, -0.1])
@@ -468,6 +481,8 @@ def evaluated(world) -> dict:
         handcrafted_manifest=None,
         protocol={"budgets": [2, 3], "min_test_lesion_cases": 4},
     )
+    # the larger budget gets steps of its own (and the upper reference the largest)
+    config = replace(config, segmenter=replace(config.segmenter, steps_by_budget={"3": 6}))
     results = run_evaluation(config)
     return {"out": out, "results": results, "config": config}
 
@@ -491,9 +506,11 @@ def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated
     assert all(
         c["p_holm"] >= c["p_wilcoxon"] for c in comparisons.values() if c["p_wilcoxon"] is not None
     )
-    for budget in ("b2", "b3"):
+    assert results["budget_steps"] == {"b2": 4, "b3": 6}
+    for budget, steps in (("b2", 4), ("b3", 6)):
         conv = results["convergence"][budget]
-        assert conv["doubled_steps"] == 8 and conv["test_dice_change_when_doubled"] is not None
+        assert conv["doubled_steps"] == 2 * steps
+        assert conv["test_dice_change_when_doubled"] is not None
         val = conv["validation"]
         assert val["gain_when_doubled"] == pytest.approx(
             val["val_dice_best_doubled"] - val["val_dice_best"]
@@ -504,6 +521,11 @@ def test_the_protocol_pools_splits_budgets_and_seeds_with_every_figure(evaluated
     once = json.loads((cell / "real" / "seed-0" / "result.json").read_text())
     twice = json.loads((cell / "real@2x" / "seed-0" / "result.json").read_text())
     assert (once["steps"], twice["steps"], once["schedule"]) == (4, 8, "wsd")
+    b3 = evaluated["out"] / "cells" / "s0-b3" / "arms"
+    assert json.loads((b3 / "real@2x" / "seed-0" / "result.json").read_text())["steps"] == 12
+    assert json.loads((b3 / "handcrafted" / "seed-1" / "result.json").read_text())["steps"] == 6
+    upper = evaluated["out"] / "cells" / "s0-upper" / "arms"
+    assert json.loads((upper / "real" / "seed-0" / "result.json").read_text())["steps"] == 6
     assert once["validation"][0] == twice["validation"][0]  # step 2 of 4 and of 8: shared
     assert once["selected_step"] in [s for s, _ in once["validation"]]
     assert isinstance(results["real_converged"], bool)

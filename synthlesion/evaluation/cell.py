@@ -150,7 +150,7 @@ def run_cell(
         for name, data in done.items():
             runs.setdefault(name, {})[seed] = data
 
-    steps = config.segmenter.steps
+    steps = config.segmenter.steps_for(cell.budget_name)
     doubled = config.protocol.convergence_check and not cell.reference
     for seed in config.seeds:
         # the convergence check: the real arm with twice the steps, branched off the same run

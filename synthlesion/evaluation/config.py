@@ -100,6 +100,10 @@ class SegmenterConfig:
         channels: Feature channels per level (``UNet``: one per level, strides 2; ``BasicUNet``:
             exactly 6 values).
         steps: Optimizer steps per run (the budget, equal for every arm and seed).
+        steps_by_budget: Steps for a labelled budget where it needs its own (``{16: 3200}``;
+            ``all`` for the upper reference, which otherwise takes the largest given): more
+            labelled scans take more steps to converge. Every arm and seed of a budget gets
+            the same steps; the convergence check doubles them.
         batch_size: Samples per step.
         learning_rate: AdamW peak learning rate.
         schedule: ``wsd`` (warmup-free "warmup-stable-decay": the peak rate, then a linear
@@ -129,6 +133,7 @@ class SegmenterConfig:
     norm: Literal["batch", "instance"] = "batch"
     channels: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = 300
+    steps_by_budget: dict[int | str, int] = field(default_factory=dict)
     batch_size: int = 16
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -141,11 +146,27 @@ class SegmenterConfig:
     decay_fraction: float = 0.2
     select: Literal["best_validation", "last"] = "best_validation"
 
+    def steps_for(self, budget: str) -> int:
+        """Steps of a labelled budget (its name: ``"4"``, or ``"all"``)."""
+        if budget in self.steps_by_budget:
+            return self.steps_by_budget[budget]
+        if budget == "all" and self.steps_by_budget:
+            return max(self.steps, *self.steps_by_budget.values())
+        return self.steps
+
     def __post_init__(self) -> None:
         if self.lesion_weight <= 0:
             raise EvaluationConfigError("segmenter.lesion_weight must be > 0")
         if self.steps < 1 or self.batch_size < 1:
             raise EvaluationConfigError("segmenter.steps and segmenter.batch_size must be >= 1")
+        by_budget = {str(k).strip().lower(): v for k, v in self.steps_by_budget.items()}
+        for key, value in by_budget.items():
+            if not (key == "all" or key.isdigit()) or not isinstance(value, int) or value < 1:
+                raise EvaluationConfigError(
+                    f"segmenter.steps_by_budget: {key!r}: {value!r}; keys are labelled budgets "
+                    "(whole numbers) or 'all', values steps >= 1"
+                )
+        object.__setattr__(self, "steps_by_budget", by_budget)
         if self.network == "basic_unet" and len(self.channels) != 6:
             raise EvaluationConfigError("segmenter.channels: BasicUNet needs exactly 6 values")
         if self.network == "unet" and len(self.channels) < 2:

@@ -45,6 +45,7 @@ from synthlesion.evaluation.report_format import (
     _num,
     _ok,
     _signed,
+    _steps,
 )
 from synthlesion.evaluation.report_realism import _realism_charts, _realism_tables
 from synthlesion.evaluation.report_sections import (
@@ -171,7 +172,7 @@ def verdict(results: Mapping[str, Any]) -> list[str]:
             for b, c in convergence.items()
         )
         lines.append(
-            f"The real arm did not converge in {_fmt(results.get('budget_steps'))} steps "
+            f"The real arm did not converge in {_steps(results.get('budget_steps'))} steps "
             f"(doubling them changed its test Dice by {moved}, or its validation Dice was still "
             "moving): these are figures of under-trained segmenters."
         )

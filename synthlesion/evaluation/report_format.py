@@ -52,6 +52,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
+def _steps(value: Any) -> str:
+    """The segmenter's steps: one number, or per budget (``1600 (4 labelled), 3200 (16)``)."""
+    if isinstance(value, Mapping):
+        if len(set(value.values())) == 1:
+            return _fmt(next(iter(value.values())))
+        return ", ".join(f"{_fmt(v)} at {_budget_title(str(k))}" for k, v in value.items())
+    return _fmt(value)
+
+
 def _g(value: Any, digits: int = 3) -> str:
     """A number with ``digits`` significant digits (p values, small distances)."""
     return f"{_num(value):.{digits}g}" if _ok(value) else "–"

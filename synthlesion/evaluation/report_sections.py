@@ -33,6 +33,7 @@ from synthlesion.evaluation.report_format import (
     _ok,
     _pair,
     _signed,
+    _steps,
     _table,
     _yes_no,
 )
@@ -68,7 +69,7 @@ def _setup(results: Mapping[str, Any]) -> str:
         "evaluation guard. Every arm trains MONAI "
         f"<code>{_fmt(seg.get('network'))}</code> (channels "
         f"{_join(seg.get('channels'), ', ')}, patches {_join(seg.get('patch_size'), '×')}) for "
-        f"{_fmt(results.get('budget_steps'))} steps of {_fmt(seg.get('batch_size'))}, with "
+        f"{_steps(results.get('budget_steps'))} steps of {_fmt(seg.get('batch_size'))}, with "
         "the same share of patches holding a lesion voxel (target "
         f"{_fmt(seg.get('foreground_share'), 2)}; spread across the arms "
         f"{_g(spread, 2)}). Means pool the splits, seeds and test cases; intervals are 95% "

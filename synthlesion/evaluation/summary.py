@@ -122,8 +122,8 @@ def _convergence(
         }
     return {
         "budget": budget_key,
-        "steps": config.segmenter.steps,
-        "doubled_steps": 2 * config.segmenter.steps,
+        "steps": config.segmenter.steps_for(budget_key.removeprefix("b")),
+        "doubled_steps": 2 * config.segmenter.steps_for(budget_key.removeprefix("b")),
         "test_dice_change_when_doubled": delta["mean_diff"] if delta else None,
         "ci": [delta["ci_low"], delta["ci_high"]] if delta else None,
         "within_tolerance": abs(delta["mean_diff"]) < config.protocol.convergence_tolerance
@@ -216,7 +216,7 @@ def summarise_protocol(
         "size_bins": bins,
         "reference_arm": reference,
         "segmenter": config_to_dict(config.segmenter),
-        "budget_steps": config.segmenter.steps,
+        "budget_steps": {b: config.segmenter.steps_for(b.removeprefix("b")) for b in budgets},
         # None where no convergence check ran (not checked is not "no")
         "real_converged": (
             all(c is True for c in converged) and all(p is not False for p in plateaus)
