@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -138,7 +140,7 @@ def test_3d_region_sampling():
     assert np.array_equal(out.image[outside], image.array[outside])
 
 
-def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypatch):
+def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypatch, caplog):
     shape = (48, 48)
     image = Volume(ct_scan(shape), np.eye(4))
     target = sum(lesion_at(shape, c, 2) for c in [(8, 8), (8, 38), (38, 8), (38, 38), (24, 24)])
@@ -160,10 +162,21 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypat
     assert np.array_equal(out.image, reference.image)
 
     def always(self, crops, regions, *args):
-        raise torch.cuda.OutOfMemoryError("simulated")
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
 
     monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", always)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(
+            SynthesisError, match=r"out of CPU memory with one region of \[\d+, \d+\] voxels"
+        ):
+            pipe2d(image, target, num_inference_steps=2, batch_size=4)
+    assert "batch size 4 is more than memory allows" in caplog.text
+
+    def other(self, crops, regions, *args):
+        raise RuntimeError("a shape mismatch")  # not memory: not retried
+
+    monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", other)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
         pipe2d(image, target, num_inference_steps=2, batch_size=4)
 
 

@@ -596,13 +596,23 @@ class LesionSynthesisPipeline:
                     prompt,
                     [attributes[i] for i in chunk] if attributes is not None else None,
                 )
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
                     raise
+                where = "GPU" if self.device.type == "cuda" else f"{self.device.type.upper()}"
+                if size == 1:
+                    raise SynthesisError(
+                        f"out of {where} memory with one region of {list(crops[chunk[0]][0].shape[1:])} "
+                        f"voxels per network call on {self.device}: use a GPU with more free "
+                        "memory, a half-precision dtype, or a model with a smaller region of "
+                        "interest"
+                    ) from None
                 size = max(1, size // 2)
                 logger.warning(
-                    "out of GPU memory: retrying regions %s with batch size %d", chunk, size
-                )
+                    "out of %s memory with %d regions per network call (batch size %d is more "
+                    "than memory allows): retrying regions %d-%d with %d per call",
+                    where, len(chunk), batch_size, chunk[0], chunk[-1], size,
+                )  # fmt: skip
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
@@ -681,6 +691,14 @@ def read_training_record(model_dir: str | Path) -> TrainingRecord:
         return TrainingRecord.read(model_dir)
     except GeneratorRecordError as exc:
         raise SynthesisError(str(exc)) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's (a ``RuntimeError`` that says so)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _shift(box: Sequence[slice], origin: Sequence[int]) -> tuple[slice, ...]:
