@@ -266,6 +266,53 @@ def part_d(figures: dict, size: int, roi: int, steps: int, repeats: int, device:
     figures["channels_s_per_lesion_1ch"] = round(one, 4)
     figures["channels_s_per_lesion_4ch"] = round(four, 4)
     figures["channels_ratio_4ch_over_1ch"] = round(ratio, 3)
+    figures["sample_phases_s"] = sample_phases(pipes[4], inputs[4], lesion, steps)
+    print(f"    phases of one 4-channel call (s): {figures['sample_phases_s']}")
+
+
+SAMPLE_PHASES = {  # phase -> the pipeline's method (cProfile cumulative seconds)
+    "checks": "check_inputs",
+    "set_up_regions": "plan_regions",
+    "intensity_ranges": "range_of",
+    "crops": "_crop_inputs",
+    "denoising": "_run_batches",
+    "paste_back": "_paste_back",
+    "gates": "_gates",
+}
+
+
+def sample_phases(pipe, inputs: list[Volume], lesion: np.ndarray, steps: int) -> dict:
+    """Where one pipeline call spends its time, and the I/O of its channels (.nii.gz read and
+    write through synthlesion's reader and writer)."""
+    import cProfile
+    import pstats
+
+    from synthlesion.data.io import load_image, save_image
+
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.runcall(pipe, inputs, lesion, num_inference_steps=steps, dilation_mm=3.0)
+    total = time.perf_counter() - started
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    phases = {"total": round(total, 3)}
+    for phase, name in SAMPLE_PHASES.items():
+        phases[phase] = round(
+            sum(
+                cumulative
+                for (file, _line, function), (_cc, _nc, _tt, cumulative, _callers) in stats.items()
+                if function == name and "synthlesion" in file
+            ),
+            3,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "channel.nii.gz"
+        started = time.perf_counter()
+        save_image(inputs[0], path)
+        phases["io_write_per_channel"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        load_image(path)
+        phases["io_read_per_channel"] = round(time.perf_counter() - started, 3)
+    return phases
 
 
 def _setup_scan(folder: Path, shape: tuple[int, ...], channels: int, seed: int = 0):

@@ -496,6 +496,21 @@ class LesionSynthesisPipeline:
             ]
         # 5. paste back every channel: weight 1 on the lesion, a feather band at the region's
         #    edge, 0 outside (each channel in its own units and dtype, clipped to its range)
+        outputs = self._paste_back(sources, ranges, planned, generated)
+        # 6. quality gates (on the first channel), measured in each region of interest
+        quality = self._gates(source, outputs[0], planned, image.spacing, organ_mask)
+        painted = np.where(lesion_mask > 0, lesion_mask, 0).astype(np.uint8)
+        return LesionSynthesisOutput(outputs, painted, regions, quality, attribute_values)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _paste_back(
+        self,
+        sources: Sequence[np.ndarray],
+        ranges: Sequence[Any],
+        planned: Sequence[tuple[Region, _LocalRegion]],
+        generated: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:
+        """Every channel with the generated regions blended in (step 5)."""
         outputs = []
         for c, (array, channel_range) in enumerate(zip(sources, ranges, strict=True)):
             output = array.copy()
@@ -510,11 +525,20 @@ class LesionSynthesisPipeline:
                 target = output[local.box]
                 target[local.region] = blended[local.region].astype(array.dtype)
             outputs.append(output)
-        output = outputs[0]
-        # 6. quality gates (on the first channel), measured in each region of interest
+        return outputs
+
+    def _gates(
+        self,
+        source: np.ndarray,
+        output: np.ndarray,
+        planned: Sequence[tuple[Region, _LocalRegion]],
+        spacing: Sequence[float],
+        organ_mask: np.ndarray | None,
+    ) -> list[QualityResult]:
+        """The quality gate of every lesion, each measured in its region of interest (step 6)."""
         quality = []
         for region, local in planned:
-            roi, _ = region.slices(image.shape)
+            roi, _ = region.slices(output.shape)
             lesion_roi = np.zeros(output[roi].shape, dtype=bool)
             region_roi = np.zeros_like(lesion_roi)
             offset = _shift(local.box, [r.start for r in roi])
@@ -526,16 +550,14 @@ class LesionSynthesisPipeline:
                     output[roi],
                     lesion_roi,
                     region_roi,
-                    image.spacing,
+                    spacing,
                     self.reference,
                     self.gate,
                     tissue=organ_mask[roi] if organ_mask is not None else None,
                 )
             )
-        painted = np.where(lesion_mask > 0, lesion_mask, 0).astype(np.uint8)
-        return LesionSynthesisOutput(outputs, painted, regions, quality, attribute_values)
+        return quality
 
-    # -- helpers ------------------------------------------------------------------------
     def _attributes(
         self, crop: tuple[np.ndarray, ...], given: Mapping[str, float], value_range: Any
     ) -> dict[str, float]:
