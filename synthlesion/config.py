@@ -257,9 +257,9 @@ def check_device(device: str) -> str:
             build, ``CUDA_VISIBLE_DEVICES`` hiding it, ``cuda:N`` past the last GPU).
     """
     text = str(device).strip()
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+    if not re.fullmatch(r"cpu|mps|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII):
         raise ConfigError(f"device {text!r}: use cpu, cuda, cuda:N or mps")
+    kind, _, index = text.partition(":")
     if kind == "cpu":
         return text
     import torch

@@ -28,6 +28,9 @@ def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert check_device("cuda:1") == "cuda:1"
+    for odd in ("cuda:", "cuda:01", "cuda:\u0661", "cuda:-1", " cuda:1x"):
+        with pytest.raises(ConfigError, match="use cpu, cuda, cuda:N or mps"):
+            check_device(odd)  # strings torch.device would refuse with a raw error
     with pytest.raises(ConfigError, match=r"2 GPU\(s\), cuda:0 to cuda:1"):
         check_device("cuda:2")
 

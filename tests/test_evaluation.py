@@ -845,3 +845,22 @@ def test_the_reference_arm_is_the_real_arm_wherever_it_is_listed(tmp_path):
         }
     )
     assert config.reference_arm == "real"
+
+
+def test_the_set_up_cache_beside_the_splits_is_not_a_change_of_the_data(world, tmp_path):
+    """``synthlesion sample`` caches what it learnt beside the splits file; with the splits
+    inside the data folder that file must not make a resumed evaluation look like new data."""
+    from types import SimpleNamespace
+
+    from synthlesion.evaluation.harness import input_hashes
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "case_0000.nii.gz").write_bytes(b"scan")
+    splits = shutil.copy(world["splits"], folder / "splits.json")
+    config = SimpleNamespace(data=folder, splits=[Path(splits)])
+    before = input_hashes(config)
+    (folder / "splits.json.train-lesions-0123456789ab.npz").write_bytes(b"cache")
+    assert input_hashes(config) == before
+    (folder / "case_0001.nii.gz").write_bytes(b"another scan")
+    assert input_hashes(config) != before

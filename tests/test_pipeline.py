@@ -156,7 +156,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypat
 
     monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", flaky)
     out = pipe2d(image, target, num_inference_steps=2, seed=3, batch_size=8)
-    assert calls[0] == [0, 1, 2, 3, 4] and calls[1] == [0, 1, 2, 3]
+    assert calls[0] == [0, 1, 2, 3, 4] and calls[1] == [0, 1]  # half the failing chunk
     done = [i for c in calls if len(c) <= 2 for i in c]
     assert sorted(done) == [0, 1, 2, 3, 4]  # none skipped, none repeated
     assert np.array_equal(out.image, reference.image)
@@ -171,6 +171,18 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_region(pipe2d, monkeypat
         ):
             pipe2d(image, target, num_inference_steps=2, batch_size=4)
     assert "batch size 4 is more than memory allows" in caplog.text
+
+    # one region that does not fit is not retried at smaller "batch sizes"
+    calls.clear()
+
+    def counted(self, crops, regions, *args):
+        calls.append(len(crops))
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(LesionSynthesisPipeline, "_denoise", counted)
+    with pytest.raises(SynthesisError, match="one region"):
+        pipe2d(image, lesion_at(shape, (24, 24), 2), num_inference_steps=2, batch_size=8)
+    assert calls == [1]
 
     def other(self, crops, regions, *args):
         raise RuntimeError("a shape mismatch")  # not memory: not retried

@@ -125,3 +125,44 @@ def test_a_folder_that_cannot_hold_the_cache_only_costs_the_cache(scans, caplog,
         got = tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
     assert got.presence["a"] and "could not write the set-up cache" in caplog.text
     assert not list(splits.parent.glob("*.npz"))
+
+
+def test_any_damage_to_the_cache_means_a_reread_not_a_failure(scans, monkeypatch, caplog):
+    cases, splits = scans
+    first = tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
+    real_load = np.load
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("File 'index.npy' is encrypted, password required for extraction")
+
+    monkeypatch.setattr(np, "load", broken)
+    with caplog.at_level(logging.WARNING):
+        again = tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
+    monkeypatch.setattr(np, "load", real_load)
+    assert "unreadable (RuntimeError: File 'index.npy' is encrypted" in caplog.text
+    assert again.presence == first.presence and again.reference() == first.reference()
+
+
+def test_the_cache_is_not_data_for_the_evaluation_input_hash(scans):
+    cases, splits = scans
+    tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
+    (written,) = splits.parent.glob("*.npz")
+    assert tl.is_cache_file(written) and not tl.is_cache_file(splits)
+    assert not tl.is_cache_file(splits.with_name("scan.train-lesions-x.npz"))
+
+
+def test_a_lesion_with_non_finite_voxels_stays_out_of_the_reference(tmp_path, caplog):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    good = _write_case(folder, "good", [((12, 12, 10), 4, 2)])
+    bad = _write_case(folder, "bad", [((12, 12, 10), 4, 2)], seed=3)
+    image = nib.load(bad.image)
+    values = np.asarray(image.dataobj).copy()
+    values[12, 12, 10] = np.nan
+    nib.save(nib.Nifti1Image(values, image.affine), bad.image)
+    with caplog.at_level(logging.WARNING):
+        got = tl.train_lesions([good, bad], (2,), (1,))
+    assert "case bad: 1 lesion(s) hold non-finite voxels" in caplog.text
+    reference = got.reference()
+    assert len(reference.means) == 1 and np.isfinite(reference.means).all()
+    assert got.presence == {"good": True, "bad": True} and len(got.bank().lesions) == 2

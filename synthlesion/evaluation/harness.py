@@ -70,8 +70,12 @@ def input_hashes(config: EvaluateConfig) -> dict[str, Any]:
     if data.is_file():
         data_hash = sha256_file(data)
     else:
+        from synthlesion.pipelines.train_lesions import is_cache_file
+
         listing = sorted(
-            (str(p.relative_to(data)), p.stat().st_size) for p in data.rglob("*") if p.is_file()
+            (str(p.relative_to(data)), p.stat().st_size)
+            for p in data.rglob("*")
+            if p.is_file() and not is_cache_file(p)  # the set-up's cache is not data
         )
         data_hash = canonical_json_hash(listing)
     return {

@@ -622,14 +622,14 @@ class LesionSynthesisPipeline:
                 if not _out_of_memory(exc):
                     raise
                 where = "GPU" if self.device.type == "cuda" else f"{self.device.type.upper()}"
-                if size == 1:
+                if len(chunk) == 1:
                     raise SynthesisError(
                         f"out of {where} memory with one region of {list(crops[chunk[0]][0].shape[1:])} "
-                        f"voxels per network call on {self.device}: use a GPU with more free "
-                        "memory, a half-precision dtype, or a model with a smaller region of "
-                        "interest"
+                        f"voxels per network call on {self.device}: free memory (other jobs on "
+                        "the device), use a device with more memory, or a model with a smaller "
+                        "region of interest"
                     ) from None
-                size = max(1, size // 2)
+                size = max(1, min(size, len(chunk)) // 2)
                 logger.warning(
                     "out of %s memory with %d regions per network call (batch size %d is more "
                     "than memory allows): retrying regions %d-%d with %d per call",
@@ -719,8 +719,8 @@ def _out_of_memory(exc: BaseException) -> bool:
     """A CUDA out-of-memory error, or the CPU allocator's (a ``RuntimeError`` that says so)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    text = str(exc)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
+    text = str(exc).lower()
+    return any(k in text for k in ("can't allocate memory", "not enough memory", "out of memory"))
 
 
 def _shift(box: Sequence[slice], origin: Sequence[int]) -> tuple[slice, ...]:

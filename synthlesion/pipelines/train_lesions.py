@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import zipfile
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,12 @@ from synthlesion.storage import atomic_write_bytes, canonical_json_hash, sha256_
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "synthlesion-train-lesions/1"
+_CACHE_NAME = re.compile(r".+\.train-lesions-[0-9a-f]{12}\.npz")
+
+
+def is_cache_file(path: str | Path) -> bool:
+    """Whether ``path`` is a set-up cache written by :func:`train_lesions` (not data)."""
+    return _CACHE_NAME.fullmatch(Path(path).name) is not None
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,16 @@ def measure_scan(
     stats = scan_lesion_statistics(
         np.asarray(image.array), labels, lesion_labels, organ_labels, image.spacing, lesions
     )
-    return ScanLesions(case.case_id, True, shapes, tuple(stats))
+    finite = [s for s in stats if np.isfinite([s.mean, s.std, s.contrast]).all()]
+    if len(finite) < len(stats):
+        logger.warning(
+            "case %s: %d lesion(s) hold non-finite voxels (NaN or inf in %s); left out of the "
+            "quality gates' reference",
+            case.case_id,
+            len(stats) - len(finite),
+            case.image,
+        )
+    return ScanLesions(case.case_id, True, shapes, tuple(finite))
 
 
 def train_lesions(
@@ -277,9 +292,14 @@ def _read_cache(path: Path) -> dict[str, tuple[list[Any], ScanLesions]]:
             scan = ScanLesions(row["case_id"], bool(row["has_lesion"]), shapes, stats)
             out[row["case_id"]] = (row["key"], scan)
         return out
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-        logger.warning("set-up cache %s unreadable (%s); reading the scans again", path, exc)
+    except Exception as exc:  # noqa: BLE001 - any damage to a cache only costs a re-read
+        reason = (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            if str(exc)
+            else type(exc).__name__
+        )
+        logger.warning("set-up cache %s unreadable (%s); reading the scans again", path, reason)
         return {}
 
 
-__all__ = ["ScanLesions", "TrainLesions", "measure_scan", "train_lesions"]
+__all__ = ["ScanLesions", "TrainLesions", "is_cache_file", "measure_scan", "train_lesions"]
