@@ -140,6 +140,17 @@ def test_resume_makes_only_missing_cases_with_the_same_seeds(world):
         assert a[case_id].image_voxel_sha256 == b[case_id].image_voxel_sha256
         assert a[case_id].mask_voxel_sha256 == b[case_id].mask_voxel_sha256
         assert a[case_id].mask_source_patient in world["split"].patients("train")
+    # a rerun with settings that change what a case holds is refused: it would keep the old
+    # cases under a record of the new settings (limit, device, batch size may change)
+    from synthlesion.provenance.errors import ProvenanceError
+
+    before = (resumed / "sample_options.json").read_bytes()
+    with pytest.raises(
+        ProvenanceError, match=r"4 case\(s\) made with other settings \(seed: 0 -> 8\)"
+    ):
+        run_sampling(world["model"], world["dataset"], world["splits"], resumed,
+                     SampleOptions(steps=2, limit=4, mask_source="bank", scheduler="ddim", seed=8))  # fmt: skip
+    assert (resumed / "sample_options.json").read_bytes() == before
 
 
 def test_a_model_trained_on_an_evaluation_patient_is_refused(world):

@@ -260,6 +260,8 @@ def run_sampling(
             "splits": str(splits_path),
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
         },
+        # what a case holds does not depend on these (noise is drawn per region)
+        may_change=("device", "batch_size", "limit"),
     )
     maker = DiffusionCaseGenerator(pipeline, bank, options, lesion_values, organ_values)
     plan = plan_cases(

@@ -189,6 +189,10 @@ class ManifestWriter:
         )
 
     # -- appending ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Cases the manifest holds (its earlier rows and this run's)."""
+        return len(self._ids)
+
     def __contains__(self, case_id: object) -> bool:
         return isinstance(case_id, str) and case_id.casefold() in self._ids
 

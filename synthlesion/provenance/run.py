@@ -15,10 +15,11 @@ hand-crafted baseline (:mod:`synthlesion.pipelines.handcrafted`) both run throug
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,9 +177,41 @@ class SyntheticSetRun:
         except ManifestError as exc:
             raise ProvenanceError(f"{exc}; write this run into a new folder") from None
 
-    def write_settings(self, name: str, settings: Mapping[str, Any]) -> None:
-        """Record the run's settings beside the manifest (e.g. ``sample_options.json``)."""
-        atomic_write_json(self.out_dir / name, dict(settings))
+    def write_settings(
+        self, name: str, settings: Mapping[str, Any], *, may_change: Collection[str] = ()
+    ) -> None:
+        """Record the run's settings beside the manifest (e.g. ``sample_options.json``).
+
+        A folder whose manifest already holds cases made with other settings is refused: a
+        resumed run keeps those cases, so the record would misdescribe them. Settings named in
+        ``may_change`` (those that do not change what a case holds, e.g. the device) may differ.
+
+        Raises:
+            ProvenanceError: the folder's cases were made with other settings.
+        """
+        path = self.out_dir / name
+        if path.is_file() and len(self.writer):
+            try:
+                before = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                before = None
+            now = json.loads(json.dumps(dict(settings), default=str))
+            if isinstance(before, dict):
+                changed = sorted(
+                    k
+                    for k in set(before) | set(now)
+                    if k not in may_change and before.get(k) != now.get(k)
+                )
+                if changed:
+                    shown = ", ".join(
+                        f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]
+                    )
+                    raise ProvenanceError(
+                        f"{self.out_dir}: holds {len(self.writer)} case(s) made with other "
+                        f"settings ({shown}); a rerun would keep them under the new settings' "
+                        "record. Use a new folder, or the same settings to resume"
+                    )
+        atomic_write_json(path, dict(settings))
 
     def paths_for(self, case_id: str, channels: int) -> tuple[list[str], str]:
         """The relative image and mask paths of a case, checked to stay inside ``out_dir``.
