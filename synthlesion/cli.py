@@ -618,10 +618,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Phantom (2D CT, few labelled lesion scans, many healthy ones) -> locked "
         "splits -> a tiny diffusion model trained on the CPU -> lesions painted into healthy "
         "scans -> the guarded dataset -> a quick downstream evaluation and its report. About "
-        "10 minutes on 2 CPU cores; --quick is a 1-2 minute smoke run.",
+        "10 minutes on 2 CPU cores; --quick is a smoke run of about 30 s.",
     )
     p.add_argument("--out", default="runs/demo", help="a new or empty folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="smoke-sized run (a minute or two)")
+    p.add_argument("--quick", action="store_true", help="smoke-sized run (about 30 s)")
     p.add_argument(
         "--threads", type=bounded_count_arg(1, 1024), default=None, help="torch CPU threads"
     )
