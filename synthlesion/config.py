@@ -257,7 +257,7 @@ def check_device(device: str) -> str:
             build, ``CUDA_VISIBLE_DEVICES`` hiding it, ``cuda:N`` past the last GPU).
     """
     text = str(device).strip()
-    if not re.fullmatch(r"cpu|mps|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII):
+    if not re.fullmatch(r"cpu(:0)?|mps|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII):
         raise ConfigError(f"device {text!r}: use cpu, cuda, cuda:N or mps")
     kind, _, index = text.partition(":")
     if kind == "cpu":

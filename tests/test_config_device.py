@@ -11,7 +11,8 @@ from synthlesion.errors import ConfigError
 
 def test_cpu_passes_and_unknown_names_are_refused():
     assert check_device("cpu") == "cpu"
-    for bad in ("gpu", "cuda:x", "cpu:0", "", "tpu"):
+    assert check_device("cpu:0") == "cpu:0"  # torch takes it
+    for bad in ("gpu", "cuda:x", "cpu:1", "", "tpu"):
         with pytest.raises(ConfigError, match="use cpu, cuda, cuda:N or mps"):
             check_device(bad)
 

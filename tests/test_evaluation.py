@@ -93,9 +93,31 @@ def test_steps_by_budget_reads_yaml_and_json_keys_and_refuses_nonsense():
     assert (cfg.steps_for("16"), cfg.steps_for("4"), cfg.steps_for("8")) == (300, 50, 100)
     assert cfg.steps_for("all") == 300  # the upper reference: the largest
     assert SegmenterConfig(steps=100, steps_by_budget={"all": 70}).steps_for("all") == 70
-    for bad in ({"b4": 10}, {4: 0}, {"x": 5}):
+    for bad in ({"b4": 10}, {4: 0}, {"x": 5}, {"04": 5}, {"\u00b2": 7}, {0: 5}, {4: True}):
         with pytest.raises(EvaluationConfigError, match="steps_by_budget"):
             SegmenterConfig(steps_by_budget=bad)
+    for field, value in (("schedule", "WSD"), ("select", "best"), ("norm", "layer")):
+        with pytest.raises(EvaluationConfigError, match=f"segmenter.{field} must be one of"):
+            SegmenterConfig(**{field: value})
+
+
+def test_steps_for_a_budget_the_protocol_does_not_have_is_refused(tmp_path):
+    raw = {
+        "out_dir": str(tmp_path / "run"),
+        "data": "d.json",
+        "splits": "s.json",
+        "arms": [{"name": "real", "kind": "real"}],
+        "protocol": {"budgets": [2, 3]},
+        "segmenter": {"steps_by_budget": {40: 10000}},  # a typo for 4 (or 3)
+        "device": " cpu ",
+    }
+    with pytest.raises(
+        EvaluationConfigError, match=r"budget\(s\) \['40'\] are not in protocol.budgets"
+    ):
+        load_evaluate_config(raw)
+    raw["segmenter"] = {"steps_by_budget": {3: 50, "all": 80}}
+    config = load_evaluate_config(raw)
+    assert config.device == "cpu"  # stored as torch takes it
 
 
 @pytest.mark.parametrize("share", [1.5, -0.1])
@@ -864,3 +886,24 @@ def test_the_set_up_cache_beside_the_splits_is_not_a_change_of_the_data(world, t
     assert input_hashes(config) == before
     (folder / "case_0001.nii.gz").write_bytes(b"another scan")
     assert input_hashes(config) != before
+
+
+def test_the_plateau_check_needs_one_validation_point_per_run_not_two(world, tmp_path):
+    """``validate_every`` >= the steps leaves one point per run; twice the steps finding a far
+    better validation Dice must still read as no plateau."""
+    from types import SimpleNamespace
+
+    from synthlesion.evaluation.summary import _convergence
+
+    config = tiny(world, tmp_path / "unused")
+    case = SimpleNamespace(case_id="c", dice=0.5, has_lesion=True)
+
+    def run(validation, steps):
+        return {"validation": validation, "steps": steps, "selected_step": steps, "cases": [case]}
+
+    outcome = SimpleNamespace(
+        cell=SimpleNamespace(split="s0"),
+        runs={"real": {0: run([[4, 0.30]], 4)}, "real@2x": {0: run([[4, 0.30], [8, 0.70]], 8)}},
+    )
+    got = _convergence(config, [outcome], "real", "b2")["validation"]
+    assert got["gain_when_doubled"] == pytest.approx(0.40) and got["plateaued"] is False

@@ -151,6 +151,24 @@ def test_resume_makes_only_missing_cases_with_the_same_seeds(world):
         run_sampling(world["model"], world["dataset"], world["splits"], resumed,
                      SampleOptions(steps=2, limit=4, mask_source="bank", scheduler="ddim", seed=8))  # fmt: skip
     assert (resumed / "sample_options.json").read_bytes() == before
+    # the same run named by relative paths from another folder resumes (paths are recorded
+    # resolved)
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(world["root"])
+        again = run_sampling(
+            os.path.relpath(world["model"]), os.path.relpath(world["dataset"]),
+            os.path.relpath(world["splits"]), "resumed", options,
+        )  # fmt: skip
+    finally:
+        os.chdir(here)
+    assert len(again.skipped_existing) == 4 and not again.written
+    # a settings record that cannot be read cannot vouch for the folder's cases
+    (resumed / "sample_options.json").write_text("{trunc")
+    with pytest.raises(ProvenanceError, match="unreadable"):
+        run_sampling(world["model"], world["dataset"], world["splits"], resumed, options)
 
 
 def test_a_model_trained_on_an_evaluation_patient_is_refused(world):
@@ -226,6 +244,11 @@ def test_shards_merge_into_the_same_cases_as_one_run(world):
     assert all(a[k].image_voxel_sha256 == b[k].image_voxel_sha256 for k in a)  # marks differ
     assert merge_manifest_shards(sharded) == merged  # merging again adds nothing
     assert len(list(read_manifest(merged, sharded))) == 3
+    # each shard records the settings of its own cases: another shard cannot rewrite them
+    assert sorted(p.name for p in sharded.glob("sample_options*.json")) == [
+        "sample_options.shard-000-of-002.json",
+        "sample_options.shard-001-of-002.json",
+    ]
 
 
 def test_attribute_conditioned_model_samples_and_records_its_attributes(world):

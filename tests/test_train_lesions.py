@@ -166,3 +166,34 @@ def test_a_lesion_with_non_finite_voxels_stays_out_of_the_reference(tmp_path, ca
     reference = got.reference()
     assert len(reference.means) == 1 and np.isfinite(reference.means).all()
     assert got.presence == {"good": True, "bad": True} and len(got.bank().lesions) == 2
+
+
+def test_a_rewritten_file_is_read_again_even_with_its_old_size_and_time(scans, monkeypatch):
+    cases, splits = scans
+    tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
+    path = cases[0].mask
+    stat = path.stat()
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)  # the same bytes, extracted anew: same size, same mtime
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    opened = []
+    measure = tl.measure_scan
+    monkeypatch.setattr(
+        tl, "measure_scan", lambda c, *a: opened.append(c.case_id) or measure(c, *a)
+    )
+    tl.train_lesions(cases, (2, 3), (1,), cache_beside=splits)
+    assert opened == ["a"]  # its status-change time moved
+
+
+def test_a_scan_whose_geometry_fails_is_left_to_fail_alone(scans, caplog):
+    cases, _ = scans
+    healthy = cases[2]
+    image = nib.load(healthy.mask)
+    moved = image.affine.copy()
+    moved[0, 3] += 5.0  # the mask 5 mm off its image
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), moved), healthy.mask)
+    with caplog.at_level(logging.WARNING):
+        got = tl.train_lesions(cases, (2, 3), (1,))
+    assert got.presence["healthy case (1)"] is False and got.presence["a"] is True
+    assert "healthy case (1): not read for the set-up" in caplog.text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -529,10 +530,9 @@ def _run_arm(
         ]
         out = paths[name].parent
         out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in model.network.state_dict().items()},
-            str(out / "model.safetensors"),
-        )
+        partial = out / "model.safetensors.partial"  # renamed once whole, before result.json
+        save_file({k: v.contiguous() for k, v in model.network.state_dict().items()}, str(partial))
+        os.replace(partial, out / "model.safetensors")
         data = {
             "cell": cell.name,
             "arm": name,

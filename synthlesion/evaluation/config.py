@@ -19,6 +19,7 @@ A YAML file mirrors :class:`EvaluateConfig`::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,14 +160,28 @@ class SegmenterConfig:
             raise EvaluationConfigError("segmenter.lesion_weight must be > 0")
         if self.steps < 1 or self.batch_size < 1:
             raise EvaluationConfigError("segmenter.steps and segmenter.batch_size must be >= 1")
-        by_budget = {str(k).strip().lower(): v for k, v in self.steps_by_budget.items()}
-        for key, value in by_budget.items():
-            if not (key == "all" or key.isdigit()) or not isinstance(value, int) or value < 1:
+        by_budget = {}
+        for raw, value in self.steps_by_budget.items():
+            key = str(raw)
+            valid_key = key == "all" or re.fullmatch(r"[1-9][0-9]*", key, flags=re.ASCII)
+            valid_value = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if isinstance(raw, bool) or not valid_key or not valid_value:
                 raise EvaluationConfigError(
-                    f"segmenter.steps_by_budget: {key!r}: {value!r}; keys are labelled budgets "
-                    "(whole numbers) or 'all', values steps >= 1"
+                    f"segmenter.steps_by_budget: {raw!r}: {value!r}; keys are labelled budgets "
+                    "(whole numbers >= 1, as in protocol.budgets) or 'all', values steps >= 1"
                 )
+            by_budget[key] = value
         object.__setattr__(self, "steps_by_budget", by_budget)
+        for name, allowed in (
+            ("network", ("unet", "basic_unet")),
+            ("norm", ("batch", "instance")),
+            ("schedule", ("wsd", "cosine")),
+            ("select", ("best_validation", "last")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise EvaluationConfigError(
+                    f"segmenter.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.network == "basic_unet" and len(self.channels) != 6:
             raise EvaluationConfigError("segmenter.channels: BasicUNet needs exactly 6 values")
         if self.network == "unet" and len(self.channels) < 2:
@@ -387,9 +402,20 @@ class EvaluateConfig:
         if not self.splits:
             raise EvaluationConfigError("splits: at least one locked splits file is needed")
         try:
-            check_device(self.device)
+            object.__setattr__(self, "device", check_device(self.device))
         except ConfigError as exc:
             raise EvaluationConfigError(str(exc)) from None
+        budgets = self.protocol.budgets
+        unknown = [
+            k
+            for k in self.segmenter.steps_by_budget
+            if k != "all" and (budgets is None or int(k) not in budgets)
+        ]
+        if unknown:
+            raise EvaluationConfigError(
+                f"segmenter.steps_by_budget: budget(s) {unknown} are not in protocol.budgets "
+                f"{list(budgets) if budgets is not None else '(none: every labelled scan)'}"
+            )
         if len({str(s) for s in self.splits}) != len(self.splits):
             raise EvaluationConfigError("splits: the same splits file is listed twice")
         if not self.arms:

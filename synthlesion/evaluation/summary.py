@@ -103,7 +103,7 @@ def _convergence(
     plateau = None
     once_runs = [r for o in outcomes for r in o.runs.get(real, {}).values()]
     twice_runs = [r for o in outcomes for r in o.runs.get(real + DOUBLED, {}).values()]
-    curves = [r["validation"] for r in once_runs if len(r["validation"]) >= 2]
+    curves = [r["validation"] for r in once_runs if r["validation"]]
     if curves:
         # the validation Dice has plateaued when twice the steps finds no better weights
         # (the best val Dice of the doubled runs against the runs of the budget)

@@ -716,11 +716,15 @@ def read_training_record(model_dir: str | Path) -> TrainingRecord:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's (a ``RuntimeError`` that says so)."""
+    """torch's CUDA out-of-memory error, or the CPU allocator's (a ``RuntimeError`` naming it)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
+    # the CPU allocator's words; "CUDA error: out of memory" is not retried (the context is
+    # unusable after it), only torch's OutOfMemoryError is
     text = str(exc).lower()
-    return any(k in text for k in ("can't allocate memory", "not enough memory", "out of memory"))
+    return "cpuallocator" in text and (
+        "can't allocate memory" in text or "not enough memory" in text
+    )
 
 
 def _shift(box: Sequence[slice], origin: Sequence[int]) -> tuple[slice, ...]:

@@ -143,11 +143,14 @@ class SampleOptions:
                 f"lesion_volume_mm3 must be 0 < low <= high, got {self.lesion_volume_mm3}"
             )
         try:
-            check_device(self.device)
+            object.__setattr__(self, "device", check_device(self.device))
         except ConfigError as exc:
             problems.append(str(exc))
         if problems:
             raise ConfigError("sample options: " + "; ".join(problems))
+
+
+_PATH_OPTIONS = ("user_masks", "region_masks")  # recorded resolved (a resume from elsewhere)
 
 
 def run_sampling(
@@ -253,12 +256,22 @@ def run_sampling(
     except ProvenanceError as exc:
         raise SynthesisError(str(exc)) from None
     run.write_settings(
-        "sample_options.json",
+        # each shard records the settings of its own cases
+        "sample_options.json"
+        if world == 1
+        else f"sample_options.shard-{rank:03d}-of-{world:03d}.json",
         {
-            "model": str(model_dir),
-            "data": str(data),
-            "splits": str(splits_path),
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+            "model": str(model_dir.resolve()),
+            "data": str(Path(data).resolve()),
+            "splits": str(Path(splits_path).resolve()),
+            **{
+                k: (
+                    str(Path(v).resolve())
+                    if isinstance(v, (Path, str)) and k in _PATH_OPTIONS
+                    else v
+                )
+                for k, v in options.__dict__.items()
+            },
         },
         # what a case holds does not depend on these (noise is drawn per region)
         may_change=("device", "batch_size", "limit"),

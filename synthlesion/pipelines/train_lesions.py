@@ -27,6 +27,7 @@ import numpy as np
 
 from synthlesion.data.cases import Case
 from synthlesion.data.io import image_grid, load_image, load_mask_for
+from synthlesion.errors import GeometryError, ImageReadError
 from synthlesion.masks.lesions import MIN_LESION_VOXELS, connected_lesions
 from synthlesion.masks.shapes import BankLesion, MaskBank
 from synthlesion.pipelines.quality import LesionStats, RealLesionReference, scan_lesion_statistics
@@ -185,12 +186,20 @@ def train_lesions(
             continue
         key = _fingerprint(case)
         entry = cached.get(case.case_id)
-        if entry is not None and entry[0] == key:
+        if key is not None and entry is not None and entry[0] == key:
             scans[case.case_id] = entry[1]
             continue
-        scans[case.case_id] = measure_scan(case, lesion_labels, organ_labels)
-        cached[case.case_id] = (key, scans[case.case_id])
         fresh += 1
+        try:
+            scans[case.case_id] = measure_scan(case, lesion_labels, organ_labels)
+        except (GeometryError, ImageReadError) as exc:
+            # this scan fails alone later (as a source it is listed in the run's report)
+            logger.warning("case %s: not read for the set-up (%s)", case.case_id, exc)
+            scans[case.case_id] = ScanLesions(case.case_id, False)
+            cached.pop(case.case_id, None)
+            continue
+        if key is not None:
+            cached[case.case_id] = (key, scans[case.case_id])
     if fresh:
         logger.info("read %d labelled scan(s) (%d from the cache)", fresh, len(scans) - fresh)
     else:
@@ -200,16 +209,21 @@ def train_lesions(
     return TrainLesions(scans, max(1, len(lesion_labels)))
 
 
-def _fingerprint(case: Case) -> list[Any]:
-    """What a cached entry must still match: the files' paths, sizes and modification times."""
+def _fingerprint(case: Case) -> list[Any] | None:
+    """What a cached entry must still match: every file's path, size, modification time and
+    status-change time (a file rewritten or extracted anew changes the last even when it
+    keeps its size and modification time); a DICOM series folder counts file by file.
+    ``None`` when a file cannot be stat-ed (such a scan is never served from the cache)."""
     out: list[Any] = [case.origin, case.patient_id, case.has_lesion]
     for file in (case.image, case.mask):
         path = Path(file)  # type: ignore[arg-type]
         try:
-            stat = path.stat()
-            out.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for item in files:
+                stat = item.stat()
+                out.append([str(item.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
         except OSError:
-            out.append([str(path), None, None])  # unreadable: never matches a cached entry
+            return None
     return out
 
 

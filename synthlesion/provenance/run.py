@@ -190,28 +190,30 @@ class SyntheticSetRun:
             ProvenanceError: the folder's cases were made with other settings.
         """
         path = self.out_dir / name
+        now = json.loads(json.dumps(dict(settings), default=str))
         if path.is_file() and len(self.writer):
             try:
                 before = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                before = None
-            now = json.loads(json.dumps(dict(settings), default=str))
-            if isinstance(before, dict):
-                changed = sorted(
-                    k
-                    for k in set(before) | set(now)
-                    if k not in may_change and before.get(k) != now.get(k)
+            except (OSError, ValueError) as exc:
+                raise ProvenanceError(
+                    f"{path}: unreadable ({exc}); the folder's {len(self.writer)} case(s) "
+                    "cannot be checked against this run's settings. Use a new folder"
+                ) from None
+            if not isinstance(before, dict):
+                before = {}
+            changed = sorted(
+                k
+                for k in set(before) | set(now)
+                if k not in may_change and before.get(k) != now.get(k)
+            )
+            if changed:
+                shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+                raise ProvenanceError(
+                    f"{self.out_dir}: holds {len(self.writer)} case(s) made with other "
+                    f"settings ({shown}); a rerun would keep them under the new settings' "
+                    "record. Use a new folder, or the same settings to resume"
                 )
-                if changed:
-                    shown = ", ".join(
-                        f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]
-                    )
-                    raise ProvenanceError(
-                        f"{self.out_dir}: holds {len(self.writer)} case(s) made with other "
-                        f"settings ({shown}); a rerun would keep them under the new settings' "
-                        "record. Use a new folder, or the same settings to resume"
-                    )
-        atomic_write_json(path, dict(settings))
+        atomic_write_json(path, now)
 
     def paths_for(self, case_id: str, channels: int) -> tuple[list[str], str]:
         """The relative image and mask paths of a case, checked to stay inside ``out_dir``.
