@@ -69,6 +69,12 @@ def case_has_lesion(case: Case, lesion_values: Sequence[int]) -> bool:
         return False
     array = load_image(case.mask).array
     found = bool(np.isin(array, list(lesion_values)).any())
+    warn_if_listed_otherwise(case, found)
+    return found
+
+
+def warn_if_listed_otherwise(case: Case, found: bool) -> None:
+    """Log a case whose listed ``has_lesion`` its voxels contradict (the voxels win)."""
     if case.has_lesion is not None and bool(case.has_lesion) != found:
         logger.warning(
             "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
@@ -77,7 +83,6 @@ def case_has_lesion(case: Case, lesion_values: Sequence[int]) -> bool:
             case.mask,
             "holds" if found else "holds no",
         )
-    return found
 
 
 def connected_lesions(

@@ -28,7 +28,11 @@ import numpy as np
 from synthlesion.data.cases import Case
 from synthlesion.data.io import image_grid, load_image, load_mask_for
 from synthlesion.errors import GeometryError, ImageReadError
-from synthlesion.masks.lesions import MIN_LESION_VOXELS, connected_lesions
+from synthlesion.masks.lesions import (
+    MIN_LESION_VOXELS,
+    connected_lesions,
+    warn_if_listed_otherwise,
+)
 from synthlesion.masks.shapes import BankLesion, MaskBank
 from synthlesion.pipelines.quality import LesionStats, RealLesionReference, scan_lesion_statistics
 from synthlesion.storage import atomic_write_bytes, canonical_json_hash, sha256_bytes, sha256_file
@@ -113,14 +117,7 @@ def measure_scan(
     if labels.dtype.kind == "f":
         labels = np.rint(labels).astype(np.int64)  # integer-valued float label maps
     found = bool(np.isin(labels, list(lesion_labels)).any())
-    if case.has_lesion is not None and bool(case.has_lesion) != found:
-        logger.warning(
-            "case %s: listed has_lesion=%s but its label map %s %s lesion voxels",
-            case.case_id,
-            case.has_lesion,
-            case.mask,
-            "holds" if found else "holds no",
-        )
+    warn_if_listed_otherwise(case, found)
     if not found or case.origin != "real":
         return ScanLesions(case.case_id, found)
     lesions = list(connected_lesions(labels, lesion_labels, min_voxels=min_voxels))
