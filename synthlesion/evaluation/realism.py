@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
 from scipy.stats import ks_2samp, rankdata, wasserstein_distance
 from skimage.metrics import structural_similarity
 
+from synthlesion.data.boxes import bounding_box, distance_from
 from synthlesion.evaluation.radiomics import check_spacing, texture_shape_features
 from synthlesion.pipelines.quality import ring_width_mm
 
@@ -59,14 +59,12 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") ->
     return mask
 
 
-def _box(mask: np.ndarray, pad: Sequence[int] = ()) -> tuple[slice, ...]:
-    """Bounding box of a non-empty boolean mask, grown by ``pad`` voxels per axis, clipped."""
-    found = ndimage.find_objects(mask.view(np.uint8))[0]
-    pad = tuple(pad) or (0,) * mask.ndim
-    return tuple(
-        slice(max(0, b.start - p), min(n, b.stop + p))
-        for b, p, n in zip(found, pad, mask.shape, strict=True)
-    )
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of a non-empty boolean mask."""
+    box = bounding_box(mask)
+    if box is None:
+        raise ValueError("the mask is empty")
+    return box
 
 
 def _ring_mean(
@@ -83,9 +81,10 @@ def _ring_mean(
     mask within :func:`ring_width_mm` of it), restricted to ``tissue`` when that leaves any.
     """
     width = ring_width_mm(spacing, ring_mm)
-    box = _box(mask, [int(math.ceil(width / s)) + 1 for s in spacing])
-    inside = mask[box]
-    outside = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    near = distance_from(mask, width, spacing)  # in a box around the mask
+    if near is None:
+        raise ValueError("the mask is empty")
+    box, outside = near
     ring = (outside > 0) & (outside <= width)
     if tissue is not None:
         restricted = ring & (np.asarray(tissue)[box] != 0)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from synthlesion.data.boxes import bounding_box
 from synthlesion.evaluation import datasets as evdata
 from synthlesion.evaluation.config import ArmConfig, EvaluateConfig
 from synthlesion.evaluation.fidelity import crop_at, generator_fidelity, lesions_of
@@ -66,7 +67,7 @@ class _LesionSet:
         if self.blanked is not None:  # the same crop with its lesion filled by the ring mean
             filled = mean_fill(case.image, mask, case.spacing[: mask.ndim])
             self.blanked.append(crop_at(filled, centre, size).astype(np.float32))
-        box = _box(mask, pad=2)  # features of the normalised image: one unit for every set
+        box = bounding_box(mask, 2)  # features of the normalised image: one unit for every set
         try:
             self.features.append(
                 texture_shape_features(case.image[box], mask[box], case.spacing[: mask.ndim])
@@ -76,15 +77,6 @@ class _LesionSet:
 
     def __len__(self) -> int:
         return len(self.crops)
-
-
-def _box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
-    where = np.argwhere(mask)
-    low, high = where.min(axis=0), where.max(axis=0) + 1
-    return tuple(
-        slice(max(0, int(a) - pad), min(n, int(b) + pad))
-        for a, b, n in zip(low, high, mask.shape, strict=True)
-    )
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
