@@ -100,9 +100,9 @@ def test_per_item_pipeline_in_a_dataloader_then_batch_transforms() -> None:
 def test_non_fusable_transforms_keep_eager_path_in_compiled_backend() -> None:
     pipe = Compose(
         [
+            HistogramMatching("image", reference=torch.linspace(0, 1, 100)),
             RandFlip("image", "label"),
             RandLowResolution("image"),
-            HistogramMatching("image", reference=torch.linspace(0, 1, 100)),
         ],
         backend="compiled",
         seed=0,

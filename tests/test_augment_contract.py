@@ -20,12 +20,14 @@ from synthlesion.augment import (
     Compose,
     HistogramMatching,
     LesionCopyPaste,
+    LesionCutMix,
     LesionMixup,
     Params,
     RandAffine,
     RandBiasField,
     RandContrastBrightness,
     RandCropByLabel,
+    RandCutout,
     RandElastic,
     RandFlip,
     RandGamma,
@@ -91,6 +93,19 @@ FACTORIES: dict[str, Callable[[], Transform]] = {
     "motion": lambda: RandMotion("image", LABELS, num_transforms=(1, 2)),
     "crop_by_label": lambda: RandCropByLabel("image", LABELS, roi_size=(6, 6), num_samples=2),
     "mixup": lambda: LesionMixup("image", LABELS, lam=(0.3, 0.9)),
+    "cutout": lambda: RandCutout(
+        "image",
+        LABELS,
+        num_holes=(1, 3),
+        size=(2.0, 5.0),
+        fill="noise",
+        lesion_key="label",
+        lesion_values=(2,),
+        max_lesion_share=0.2,
+    ),
+    "cutmix": lambda: LesionCutMix(
+        "image", LABELS, size=(0.3, 0.6), lesion_key="label", lesion_values=(2,), min_fragment=3
+    ),
     "copy_paste": lambda: LesionCopyPaste(
         "image",
         LABELS,
@@ -106,7 +121,7 @@ INTENSITY = {
     "gaussian_noise", "rician_noise", "bias_field", "gamma", "contrast_brightness", "hu_window",
     "histogram_matching", "histogram_shift", "low_resolution", "ghosting", "spike", "motion",
 }  # fmt: skip
-CROSS_SAMPLE = {"mixup", "copy_paste"}
+CROSS_SAMPLE = {"mixup", "copy_paste", "cutmix"}
 
 
 class _Fused(Transform):

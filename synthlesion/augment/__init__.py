@@ -7,6 +7,7 @@ Consecutive spatial transforms fuse into one sampling grid in :class:`Compose`.
 
 from __future__ import annotations
 
+from synthlesion.augment import recipes  # noqa: E402  (the recipes build on everything above)
 from synthlesion.augment.base import (
     APPLIED_KEY,
     SPACING_KEY,
@@ -17,6 +18,8 @@ from synthlesion.augment.base import (
     Transform,
 )
 from synthlesion.augment.compose import Compose
+from synthlesion.augment.cutout import LesionCutMix, RandCutout
+from synthlesion.augment.geometry import BOX_FORMATS, POINT_FORMATS, GeometryKeys
 from synthlesion.augment.intensity import (
     HistogramMatching,
     IntensityTransform,
@@ -31,6 +34,7 @@ from synthlesion.augment.intensity import (
 )
 from synthlesion.augment.kspace import RandGhosting, RandMotion, RandSpike
 from synthlesion.augment.label_aware import LesionCopyPaste, LesionMixup, RandCropByLabel
+from synthlesion.augment.normalise import CheckGeometry, NormalizeIntensity
 from synthlesion.augment.spatial import (
     RandAffine,
     RandElastic,
@@ -45,17 +49,24 @@ __all__ = [
     "SPACING_KEY",
     "AnatomyBoundError",
     "AugmentationError",
+    "BOX_FORMATS",
     "BatchInfo",
+    "CheckGeometry",
     "Compose",
+    "GeometryKeys",
     "HistogramMatching",
     "IntensityTransform",
     "LesionCopyPaste",
+    "LesionCutMix",
     "LesionMixup",
+    "NormalizeIntensity",
+    "POINT_FORMATS",
     "Params",
     "RandAffine",
     "RandBiasField",
     "RandContrastBrightness",
     "RandCropByLabel",
+    "RandCutout",
     "RandElastic",
     "RandFlip",
     "RandGamma",
@@ -72,4 +83,5 @@ __all__ = [
     "TestTimeAugmentation",
     "Transform",
     "invert",
+    "recipes",
 ]

@@ -266,6 +266,9 @@ class BatchView:
         self.data = dict(data)
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
+        self.meta_tensors: dict[str, Any] = {}  # MONAI MetaTensors given, by key
+        self.voxel_map: torch.Tensor | None = None  # (B, d+1, d+1) output -> input voxels
+        self._affines: dict[str, torch.Tensor | None] = {}  # affines as given, by key
         reference: tuple[str, torch.Tensor] | None = None
         batched: bool | None = None
         nd = spatial_dims
@@ -278,7 +281,13 @@ class BatchView:
                     key=key,
                     transform=transform,
                 )
-            x = _to_tensor(self.data[key], key, transform)
+            raw = self.data[key]
+            if isinstance(raw, torch.Tensor) and hasattr(raw, "meta") and hasattr(raw, "affine"):
+                self.meta_tensors[key] = raw
+            x = _to_tensor(raw, key, transform)
+            if nd is None and key in self.meta_tensors and x.ndim in (3, 4, 5):
+                # a MetaTensor knows whether it is one item (MONAI's per-sample pipeline)
+                nd = x.ndim - (2 if getattr(raw, "is_batch", False) else 1)
             if nd is None:
                 if x.ndim not in (4, 5):
                     raise AugmentationError(
@@ -356,6 +365,15 @@ class BatchView:
         tensor."""
         raw = self.data.get(SPACING_KEY, default)
         if raw is None:
+            for key in itertools.chain(self.images, self.labels):
+                affine = self.affine(key)
+                if affine is not None:  # MONAI metadata: the spacing is the affine's columns
+                    a = affine[None] if affine.ndim == 2 else affine
+                    value = a[:, :nd, :nd].pow(2).sum(1).sqrt().to(torch.float64)
+                    if value.shape[0] == 1:
+                        value = value.expand(batch, -1)
+                    if tuple(value.shape) == (batch, nd) and bool((value > 0).all()):
+                        return value.contiguous()
             return torch.ones((batch, nd), dtype=torch.float64)
         try:
             if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], torch.Tensor):
@@ -390,10 +408,83 @@ class BatchView:
         records.append(params.to_record(name, self.batched))
         self.data[APPLIED_KEY] = records
 
+    def affine(self, key: str) -> torch.Tensor | None:
+        """The voxel-to-world affine of ``key`` from its metadata as given (a MONAI
+        MetaTensor's ``affine``, or ``data[key + "_meta_dict"]["affine"]``); None if absent."""
+        if key not in self._affines:
+            affine = None
+            if key in self.meta_tensors:
+                affine = torch.as_tensor(self.meta_tensors[key].affine, dtype=torch.float64)
+            else:
+                meta = self.data.get(f"{key}_meta_dict")
+                if isinstance(meta, Mapping) and meta.get("affine") is not None:
+                    affine = torch.as_tensor(np.asarray(meta["affine"]), dtype=torch.float64)
+            self._affines[key] = affine
+        return self._affines[key]
+
+    def compose_voxel_map(self, matrix: torch.Tensor) -> None:
+        """Record that the batch was resampled with the output-to-input voxel map ``matrix``
+        ``(B, d+1, d+1)``: the affines in the metadata become ``affine @ matrix`` (as MONAI
+        does, so the anatomy keeps its world position)."""
+        matrix = matrix.to(torch.float64)
+        self.voxel_map = matrix if self.voxel_map is None else self.voxel_map @ matrix
+
+    def updated_affine(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
+        """The affine of ``key`` after the recorded voxel maps (``rows`` of the maps: for
+        crops that turned one item into several)."""
+        from synthlesion.augment.geometry import embed
+
+        affine = self.affine(key)
+        if affine is None or self.voxel_map is None:
+            return affine
+        m = self.voxel_map if rows is None else self.voxel_map[rows]
+        single = affine.ndim == 2
+        a = affine[None] if single else affine
+        if a.shape[0] != m.shape[0]:
+            if a.shape[0] == 1:
+                a = a.expand(m.shape[0], -1, -1)
+            elif m.shape[0] % a.shape[0] == 0:  # crops: K rows per input
+                a = a.repeat_interleave(m.shape[0] // a.shape[0], 0)
+        out = a @ embed(m.to(a.device), a.shape[-1])
+        return out[0] if single and out.shape[0] == 1 else out
+
+    def wrap(
+        self,
+        key: str,
+        value: torch.Tensor,
+        rows: slice | None = None,
+        target: dict[str, Any] | None = None,
+    ) -> Any:
+        """``value`` as given (a MetaTensor keeps its metadata, with the updated affine); a
+        ``<key>_meta_dict`` gets the updated affine too (in ``target``, default the item)."""
+        target = self.data if target is None else target
+        meta_dict = self.data.get(f"{key}_meta_dict")
+        if isinstance(meta_dict, Mapping) and "affine" in meta_dict and self.voxel_map is not None:
+            new = self.updated_affine(key, rows)
+            old = meta_dict["affine"]
+            meta_dict = dict(meta_dict)
+            meta_dict["affine"] = new.cpu().numpy() if isinstance(old, np.ndarray) else new
+            target[f"{key}_meta_dict"] = meta_dict
+        original = self.meta_tensors.get(key)
+        if original is None:
+            return value
+        meta = dict(original.meta)
+        affine = self.updated_affine(key, rows)
+        meta.pop("affine", None)
+        out = type(original)(
+            value,
+            affine=affine.to(torch.as_tensor(original.affine).dtype),
+            meta=meta,
+            applied_operations=list(getattr(original, "applied_operations", [])),
+        )
+        out.is_batch = bool(getattr(original, "is_batch", False)) and self.batched
+        return out
+
     def finish(self) -> dict[str, Any]:
-        """The output dict (single items lose the batch dimension again)."""
+        """The output dict (single items lose the batch dimension again; MONAI MetaTensors
+        stay MetaTensors, with the affine updated by the spatial transforms)."""
         for key, value in itertools.chain(self.images.items(), self.labels.items()):
-            self.data[key] = value if self.batched else value[0]
+            self.data[key] = self.wrap(key, value if self.batched else value[0])
         return self.data
 
 
@@ -490,6 +581,8 @@ class Transform:
     is_spatial = False
     is_intensity = False
     changes_batch = False
+    is_random = True  # draws random parameters (False: the same output for the same input)
+    is_normalisation = False  # normalises intensities (must precede every random transform)
 
     def __init__(
         self,

@@ -47,7 +47,60 @@ def _fusable_spatial(a: Transform, b: Transform) -> bool:
         and a.sampler == b.sampler
         and a.spacing == b.spacing  # type: ignore[attr-defined]
         and a.spatial_dims == b.spatial_dims
+        and a.geometry == b.geometry  # type: ignore[attr-defined]
     )
+
+
+LABEL_LIKE_NAMES = ("label", "labels", "seg", "mask", "masks", "segmentation", "annotation")
+
+
+def _looks_like_label(key: str) -> bool:
+    name = key.lower()
+    return any(name == n or name.endswith(("_" + n, "-" + n)) for n in LABEL_LIKE_NAMES)
+
+
+def check_order(transforms: Sequence[Transform]) -> None:
+    """Refuse the orders the field forbids.
+
+    * an intensity normalisation after a random transform (the normalisation would undo or
+      depend on the augmentation: normalise first);
+    * a label map resampled with anything but nearest neighbour: a key that is a label key
+      of one transform and an image key (linear interpolation) of a spatial transform, or a
+      key named like a label map (``label``, ``seg``, ``mask``, ``*_label`` ...) among a
+      spatial transform's image keys.
+    """
+    seen_random: Transform | None = None
+    for t in transforms:
+        if t.is_normalisation and seen_random is not None:
+            raise AugmentationError(
+                f"{t.name} normalises intensities after the random transform "
+                f"{seen_random.name}: put the normalisation first (normalising after "
+                "augmentation undoes it and leaks its statistics)",
+                key=(t.keys or t.label_keys)[0],
+                transform="Compose",
+            )
+        if t.is_random:
+            seen_random = seen_random or t
+    label_keys = {k for t in transforms for k in t.label_keys}
+    for t in transforms:
+        if not t.is_spatial:
+            continue
+        for key in t.keys:
+            if key in label_keys:
+                raise AugmentationError(
+                    f"is a label key elsewhere in the pipeline but an image key of {t.name}, "
+                    "which would interpolate it linearly: list it in label_keys (nearest)",
+                    key=key,
+                    transform="Compose",
+                )
+            if _looks_like_label(key):
+                raise AugmentationError(
+                    f"is named like a label map but is an image key of {t.name}, which would "
+                    "interpolate it linearly: list it in label_keys (nearest neighbour), or "
+                    "rename it if it really is an image",
+                    key=key,
+                    transform="Compose",
+                )
 
 
 class Compose:
@@ -79,6 +132,7 @@ class Compose:
                     f"{t!r} is not a synthlesion transform", transform="Compose"
                 )
         self.transforms = list(transforms)
+        check_order(self.transforms)
         self.fuse = fuse
         self.backend = backend
         self.groups = self._group()
@@ -146,7 +200,14 @@ class Compose:
                 view = first.view(data, validate=first.validate and not keys <= checked)
                 params = [(t, t.sample(view.info)) for t in group]
                 steps: list[Step] = [(type(t), p.values, p.applied) for t, p in params]
-                warp_view(view, steps, first.padding_mode, first.sampler)  # type: ignore[attr-defined]
+                warp_view(
+                    view,
+                    steps,
+                    first.padding_mode,
+                    first.sampler,  # type: ignore[attr-defined]
+                    first.geometry,
+                    transform=first.name,
+                )  # type: ignore[attr-defined]
                 for t, p in params:
                     view.record(t.name, p)
                 data = view.finish()

@@ -405,6 +405,9 @@ class RandContrastBrightness(IntensityTransform):
 class RandHUWindow(IntensityTransform):
     """CT windowing with a jittered window: clip to ``[c - w/2, c + w/2]`` HU and rescale.
 
+    It normalises (HU to ``output_range``), so in a :class:`Compose` it must come before
+    every other random transform.
+
     Args:
         keys: CT images in HU.
         center: Window centre in HU (e.g. 40 soft tissue, -600 lung).
@@ -414,6 +417,8 @@ class RandHUWindow(IntensityTransform):
         output_range: Values of the window's low and high ends.
         **kwargs: ``p``, ``seed``, ``device``, ...
     """
+
+    is_normalisation = True
 
     def __init__(
         self,
@@ -472,6 +477,8 @@ class HistogramMatching(IntensityTransform):
         **kwargs: ``p``, ``seed``, ``device``, ...
     """
 
+    is_random = False
+    is_normalisation = True
     fusable = False
 
     def __init__(

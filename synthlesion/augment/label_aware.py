@@ -19,9 +19,11 @@ from synthlesion.augment.base import (
     BatchView,
     Params,
     Transform,
+    as_keys,
     as_range,
     uniform,
 )
+from synthlesion.augment.geometry import translation_map
 
 
 def _partners(generator: torch.Generator, info: BatchInfo) -> torch.Tensor:
@@ -153,6 +155,9 @@ class RandCropByLabel(Transform):
             view.set(key, torch.stack(crops))
         if SPACING_KEY in view.data and view.batched:
             view.data[SPACING_KEY] = view.info.spacing.repeat_interleave(k, 0)
+        if view.voxel_map is not None:
+            view.voxel_map = view.voxel_map.repeat_interleave(k, 0)
+        view.compose_voxel_map(translation_map(start.reshape(-1, len(shape))))
         view.info = BatchInfo(
             batch * k, roi, info.device, info.dtype, info.spacing.repeat_interleave(k, 0)
         )
@@ -168,9 +173,52 @@ class RandCropByLabel(Transform):
         for j in range(self.num_samples):
             item = dict(view.data)
             for key, value in {**view.images, **view.labels}.items():
-                item[key] = value[j]
+                item[key] = view.wrap(key, value[j], slice(j, j + 1), item)
             items.append(item)
         return items
+
+
+def check_scalars(view: BatchView, keys: Sequence[str], transform: str) -> dict[str, torch.Tensor]:
+    """The scalar labels under ``keys``: floating ``(B,)`` or ``(B, K)`` (items: ``()`` or
+    ``(K,)``), e.g. one-hot or probability vectors; integer class ids are refused."""
+    out = {}
+    for key in keys:
+        if key not in view.data:
+            raise AugmentationError(
+                "scalar label key is not in the item", key=key, transform=transform
+            )
+        value = torch.as_tensor(view.data[key])
+        if not value.is_floating_point():
+            raise AugmentationError(
+                f"dtype {value.dtype}: mixing makes soft labels, give a floating value, a "
+                "one-hot or probability vector (e.g. torch.nn.functional.one_hot(y, K).float())",
+                key=key,
+                transform=transform,
+            )
+        value = value.to(view.info.device)
+        if not view.batched:
+            value = value[None]
+        if value.ndim not in (1, 2) or value.shape[0] != view.info.batch_size:
+            raise AugmentationError(
+                f"shape {tuple(view.data[key].shape)}: a scalar label is () or (K,) per item",
+                key=key,
+                transform=transform,
+            )
+        out[key] = value
+    return out
+
+
+def mix_scalars(
+    view: BatchView,
+    scalars: dict[str, torch.Tensor],
+    partner: torch.Tensor,
+    weight: torch.Tensor,
+) -> None:
+    """``y <- (1 - w) y + w y_partner`` per sample, written back into the item."""
+    for key, y in scalars.items():
+        w = weight.to(y.dtype).view((-1,) + (1,) * (y.ndim - 1))
+        mixed = y * (1 - w) + y[partner] * w
+        view.data[key] = mixed if view.batched else mixed[0]
 
 
 def mix_pair(
@@ -227,6 +275,9 @@ class LesionMixup(Transform):
         region: ``"lesion"`` or ``"image"``.
         label_key: Label map giving the lesions; default the first label key.
         lesion_values: Labels of ``label_key`` that are lesions; None: any label > 0.
+        scalar_keys: Scalar / per-scan labels (floating, e.g. one-hot) mixed with the mean
+            weight the pixels got: ``lam`` for ``"image"``, ``lam`` times the partner
+            lesion's share of the image for ``"lesion"``.
         **kwargs: ``p``, ``seed``, ``device``, ...
     """
 
@@ -241,9 +292,11 @@ class LesionMixup(Transform):
         region: str = "lesion",
         label_key: str | None = None,
         lesion_values: Sequence[int] | None = None,
+        scalar_keys: str | Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, label_keys, **kwargs)
+        self.scalar_keys = as_keys(scalar_keys, "scalar_keys", self.name)
         if region not in ("lesion", "image"):
             raise AugmentationError(
                 f"region={region!r} must be 'lesion' or 'image'", transform=self.name
@@ -273,9 +326,15 @@ class LesionMixup(Transform):
 
     def apply_view(self, view: BatchView, params: Params) -> None:
         partner = params.values["partner"]
+        scalars = check_scalars(view, self.scalar_keys, self.name)
         mixed = partner != torch.arange(view.info.batch_size, device=partner.device)
         if not bool(mixed.any()):
             return
+        weight = torch.where(mixed, params.values["lam"], torch.zeros_like(params.values["lam"]))
+        if self.region == "lesion":
+            lesion_share = _member(view.labels[self.label_key], self.lesion_values).flatten(1)
+            weight = weight * lesion_share.to(weight.dtype).mean(1)[partner]
+        mix_scalars(view, scalars, partner, weight)
         rows = mixed.nonzero()[:, 0]
         others = partner[rows]
         lesion_map = view.labels[self.label_key]

@@ -30,9 +30,16 @@ from synthlesion.augment.base import (
     uniform,
 )
 from synthlesion.augment.device_cache import constant, device_cache
+from synthlesion.augment.geometry import GeometryKeys, fit_voxel_map, move_geometry
 from synthlesion.augment.grid import PADDING_MODES, coord_dtype
 from synthlesion.augment.sampling import SAMPLERS
-from synthlesion.augment.warp import Step, warp_tensors, warp_view
+from synthlesion.augment.warp import (
+    Step,
+    composite_voxel_grid,
+    has_metadata,
+    warp_tensors,
+    warp_view,
+)
 
 MAX_ROTATION_DEG = 30.0
 SCALE_BOUNDS = (0.7, 1.4)
@@ -59,6 +66,17 @@ class SpatialTransform(Transform):
         sampler: ``"auto"`` (a fused kernel where available: numba on the CPU, Triton on
             CUDA), ``"native"`` (require it) or ``"torch"`` (dense grid + ``grid_sample``);
             see :mod:`synthlesion.augment.sampling`.
+        box_keys, box_format: Boxes that move with the voxels, and their named format
+            (``"xyxy_voxel"``, ``"xyzxyz_world"``, ...; see
+            :mod:`synthlesion.augment.geometry`).
+        point_keys, point_format: Points that move with the voxels (``"voxel"``/``"world"``).
+        box_mask_key: A label key whose voxels inside each box define it after the move.
+        outside: ``"drop"`` (NaN row) or ``"flag"`` (``key + "_inside"`` False) for boxes and
+            points that leave the image; ``min_visible``: share of a box that must stay.
+
+    MONAI MetaTensors (and ``<key>_meta_dict`` entries) keep their metadata; their affine
+    becomes ``affine @ M`` with ``M`` the output-to-input voxel map (its best linear part for
+    elastic deformations), as MONAI's own spatial transforms do.
     """
 
     is_spatial = True
@@ -72,9 +90,24 @@ class SpatialTransform(Transform):
         padding_mode: str = "border",
         allow_extreme: bool = False,
         sampler: str = "auto",
+        box_keys: str | Sequence[str] | None = None,
+        box_format: str | None = None,
+        point_keys: str | Sequence[str] | None = None,
+        point_format: str | None = None,
+        box_mask_key: str | None = None,
+        outside: str = "drop",
+        min_visible: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, label_keys, **kwargs)
+        self.geometry = GeometryKeys.build(
+            self.name, box_keys, box_format, point_keys, point_format, box_mask_key, outside,
+            min_visible,
+        )  # fmt: skip
+        if box_mask_key is not None and box_mask_key not in self.label_keys:
+            raise AugmentationError(
+                "box_mask_key must be one of label_keys", key=box_mask_key, transform=self.name
+            )
         if padding_mode not in PADDING_MODES:
             raise AugmentationError(
                 f"padding_mode={padding_mode!r} not in {PADDING_MODES}", transform=self.name
@@ -113,8 +146,9 @@ class SpatialTransform(Transform):
 
     def apply_view(self, view: BatchView, params: Params) -> None:
         warp_view(
-            view, [(type(self), params.values, params.applied)], self.padding_mode, self.sampler
-        )
+            view, [(type(self), params.values, params.applied)], self.padding_mode, self.sampler,
+            self.geometry, transform=self.name,
+        )  # fmt: skip
 
 
 class RandAffine(SpatialTransform):
@@ -448,6 +482,11 @@ def invert(
     spatial_dims: int | None = None,
     padding_mode: str = "zeros",
     image_mode: str = "bilinear",
+    box_keys: str | Sequence[str] | None = None,
+    box_format: str | None = None,
+    point_keys: str | Sequence[str] | None = None,
+    point_format: str | None = None,
+    outside: str = "drop",
 ) -> dict[str, Any]:
     """Map tensors of an augmented item back into the original space.
 
@@ -462,6 +501,10 @@ def invert(
         spatial_dims: For single items.
         padding_mode: Padding for ``keys`` (regions never seen stay 0 by default).
         image_mode: ``"bilinear"`` or ``"nearest"``.
+        box_keys, box_format, point_keys, point_format, outside: Boxes and points mapped back
+            (by their corners; see :mod:`synthlesion.augment.geometry`).
+
+    MetaTensor affines (and ``<key>_meta_dict`` ones) are mapped back too.
 
     Raises:
         AugmentationError: A record changed the batch (crop, mixup) and cannot be undone.
@@ -493,6 +536,18 @@ def invert(
         info = BatchInfo(
             info.batch_size, info.spatial_shape, info.device, info.dtype, spacing.to(torch.float64)
         )
+    geometry = GeometryKeys.build(
+        "invert", box_keys, box_format, point_keys, point_format, None, outside
+    )
+    moves_geometry = steps and any(k in view.data for k in geometry.keys)
+    if steps and (moves_geometry or has_metadata(view)):
+        forward = fit_voxel_map(composite_voxel_grid(steps, info), info.spatial_shape)
+        if moves_geometry:
+            view.info = info
+            move_geometry(
+                view, geometry, steps, inverse=True, voxel_map=forward, transform="invert"
+            )
+        view.compose_voxel_map(torch.linalg.inv(forward))
     images, labels = warp_tensors(
         view.images, view.labels, steps, info, padding_mode, inverse=True, image_mode=image_mode
     )

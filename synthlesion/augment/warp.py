@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from synthlesion.augment.base import BatchInfo, BatchView, where_applied
+from synthlesion.augment.geometry import GeometryKeys, fit_voxel_map, move_geometry
 from synthlesion.augment.grid import (
     centred_points,
     coord_dtype,
@@ -159,12 +160,40 @@ def warp_tensors(
     return out_images, out_labels
 
 
+def has_metadata(view: BatchView) -> bool:
+    """Whether some image or label of ``view`` carries an affine to keep up to date."""
+    return bool(view.meta_tensors) or any(
+        isinstance(view.data.get(f"{k}_meta_dict"), dict)
+        and "affine" in view.data[f"{k}_meta_dict"]
+        for k in (*view.images, *view.labels)
+    )
+
+
 def warp_view(
-    view: BatchView, steps: Sequence[Step], padding_mode: str, sampler: str = "auto"
+    view: BatchView,
+    steps: Sequence[Step],
+    padding_mode: str,
+    sampler: str = "auto",
+    geometry: GeometryKeys | None = None,
+    *,
+    transform: str = "augment",
 ) -> None:
-    """Warp every image and label of ``view`` in place with the fused grid of ``steps``."""
+    """Warp every image and label of ``view`` in place with the fused grid of ``steps``; move
+    the boxes and points named by ``geometry`` with the same maps, and update the affines of
+    the metadata (``affine @ voxel map``)."""
+    moves_geometry = geometry is not None and any(k in view.data for k in geometry.keys)
+    voxel_map = None
+    if moves_geometry or has_metadata(view):
+        voxel_map = fit_voxel_map(composite_voxel_grid(steps, view.info), view.info.spatial_shape)
+    if moves_geometry:
+        move_geometry(
+            view, geometry, steps, voxel_map=voxel_map, transform=transform,
+            warp_labels=lambda masks: warp_tensors({}, masks, steps, view.info)[1],
+        )  # fmt: skip
     images, labels = warp_tensors(
         view.images, view.labels, steps, view.info, padding_mode, sampler=sampler
     )
     for key, value in {**images, **labels}.items():
         view.set(key, value)
+    if voxel_map is not None:
+        view.compose_voxel_map(voxel_map)
