@@ -468,15 +468,12 @@ class BatchView:
         original = self.meta_tensors.get(key)
         if original is None:
             return value
-        meta = dict(original.meta)
         affine = self.updated_affine(key, rows)
-        meta.pop("affine", None)
-        out = type(original)(
-            value,
-            affine=affine.to(torch.as_tensor(original.affine).dtype),
-            meta=meta,
-            applied_operations=list(getattr(original, "applied_operations", [])),
-        )
+        out = value.as_subclass(type(original))
+        out.copy_meta_from(original)  # a shallow copy of the metadata (the input keeps its own)
+        out.meta = dict(original.meta)
+        out.applied_operations = list(getattr(original, "applied_operations", []))
+        out.affine = affine.to(torch.as_tensor(original.affine).dtype)
         out.is_batch = bool(getattr(original, "is_batch", False)) and self.batched
         return out
 

@@ -236,7 +236,8 @@ def fit_voxel_map(input_voxels: torch.Tensor, spatial_shape: Sequence[int]) -> t
     m = torch.zeros(batch, nd + 1, nd + 1, dtype=torch.float64, device=input_voxels.device)
     m[:, :nd, :] = solution.transpose(1, 2)
     m[:, nd, nd] = 1
-    return m
+    snapped = m.round()  # flips and identities exactly (the fit leaves ~1e-15 residues)
+    return torch.where((m - snapped).abs() < 1e-9, snapped, m)
 
 
 def _apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ class CheckGeometry(Transform):
         keys: Images and label maps to check (all keys are read only).
         label_keys: Label maps.
         orientation: Expected axis codes, e.g. ``"RAS"`` (None: not checked).
-        spacing: Expected voxel size in mm per axis (None: not checked).
+        expected_spacing: Expected voxel size in mm per axis (None: not checked).
         tolerance: Relative tolerance on the spacing.
     """
 
@@ -143,7 +143,7 @@ class CheckGeometry(Transform):
         label_keys: str | Sequence[str] = (),
         *,
         orientation: str | None = "RAS",
-        spacing: Sequence[float] | None = None,
+        expected_spacing: Sequence[float] | None = None,
         tolerance: float = 0.01,
         **kwargs: Any,
     ) -> None:
@@ -157,7 +157,9 @@ class CheckGeometry(Transform):
                 f"orientation={orientation!r} is not axis codes like 'RAS'", transform=self.name
             )
         self.orientation = orientation.upper() if orientation is not None else None
-        self.expected_spacing = tuple(float(s) for s in spacing) if spacing is not None else None
+        self.expected_spacing = (
+            tuple(float(s) for s in expected_spacing) if expected_spacing is not None else None
+        )
         self.tolerance = float(tolerance)
 
     def draw(self, info: BatchInfo, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -169,7 +171,13 @@ class CheckGeometry(Transform):
             affine = view.affine(key)
             if affine is None:
                 continue
+            meta = getattr(view.meta_tensors.get(key), "meta", None) or view.data.get(
+                f"{key}_meta_dict", {}
+            )
+            lps = str(meta.get("space", "RAS")).upper().endswith("LPS")
             for a in spatial_affine(affine, nd, key, self.name).cpu().numpy():
+                if lps and nd == 3:  # MONAI's ITK reader: world in LPS; the codes are RAS+
+                    a = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
                 self._check_one(a, nd, key)
 
     def _check_one(self, a: np.ndarray, nd: int, key: str) -> None:

@@ -100,7 +100,8 @@ def _normalise(modality: str, keys, label_keys, window, common) -> Transform:
 def _opening(keys, label_keys, spatial_dims, spacing, common) -> list[Transform]:
     return [
         CheckGeometry(
-            keys, label_keys, orientation="RAS" if spatial_dims == 3 else None, spacing=spacing,
+            keys, label_keys, orientation="RAS" if spatial_dims == 3 else None,
+            expected_spacing=spacing,
             **common,
         )
     ]  # fmt: skip
@@ -167,7 +168,7 @@ def small_segmentation(
         RandFlip(keys, label_keys, axes=None, **common),
         RandAffine(keys, label_keys, rotate=(-15, 15), scale=(0.85, 1.25), p=0.3, **common),
         RandElastic(
-            keys, label_keys, control_points=7, max_displacement=(0.0, 2.0), p=0.2, **common
+            keys, label_keys, control_points=5, max_displacement=(0.0, 2.0), p=0.2, **common
         ),  # fmt: skip
         RandGaussianNoise(keys, label_keys, std=(0.0, 0.1), p=0.15, **common),
         RandContrastBrightness(
@@ -319,7 +320,7 @@ def multiprotocol_ct(
         RandHUWindow(keys, label_keys, center=center, width=width, **common),
         RandAffine(keys, label_keys, rotate=(-15, 15), scale=(0.9, 1.1), p=0.5, **common),
         RandElastic(
-            keys, label_keys, control_points=7, max_displacement=(0.0, 2.0), p=0.2, **common
+            keys, label_keys, control_points=5, max_displacement=(0.0, 2.0), p=0.2, **common
         ),  # fmt: skip
         RandGaussianNoise(keys, label_keys, std=(0.0, 0.05), p=0.5, **common),
         RandLowResolution(keys, label_keys, factor=(1.0, 2.5), p=0.3, **common),
