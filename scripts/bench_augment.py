@@ -15,13 +15,17 @@ pipeline is affine + elastic + Gaussian noise + bias field + gamma on the image 
 * TorchIO: ``RandomAffine`` + ``RandomElasticDeformation`` + ``RandomNoise`` +
   ``RandomBiasField`` + ``RandomGamma``, one subject at a time (CPU only).
 
+Then ``recipes.xray_classification`` (normalisation, affine with its boxes, contrast,
+gamma, noise, lesion-protecting cutout) on 64 images of 512^2 against the same operations in
+Albumentations (one image at a time) and kornia (batched); ``--xray only`` runs just that.
+
 Rounds are interleaved (one synthlesion batch, one MONAI item, one TorchIO subject, ...) so
 that load from other processes hits every library alike. Prints volumes per second and the
 ratios, and ends with one line of JSON holding every figure.
 
 Usage: python scripts/bench_augment.py [--quick] [--device cpu|cuda] [--batch B] [--seconds S]
        [--samplers auto,torch] [--backends eager,compiled,eager+graph]
-       [--sizes 128x3,512x2] [--profile]
+       [--sizes 128x3,512x2] [--profile] [--xray also|only|skip]
 """
 
 from __future__ import annotations
@@ -335,6 +339,110 @@ def profile_steps(runner: Runner, device: str, steps: int = 5) -> dict[str, Any]
     return out
 
 
+# --- the X-ray recipe against Albumentations and kornia --------------------------------------
+
+
+def _xray_albumentations():
+    import albumentations as A
+
+    return A.Compose([
+        A.Normalize(normalization="min_max", p=1.0),
+        A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_px=(-5, 5), p=0.8),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.2, p=0.5),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+        A.GaussNoise(std_range=(0.0, 0.03), p=0.3),
+        A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(16, 48),
+                        hole_width_range=(16, 48), fill=0, p=0.5),
+    ], seed=0)  # fmt: skip
+
+
+def _xray_kornia(device: str):
+    import kornia.augmentation as K
+
+    return K.AugmentationSequential(
+        K.RandomAffine(degrees=10.0, translate=(0.01, 0.01), scale=(0.9, 1.1), p=0.8),
+        K.RandomContrast(contrast=(0.8, 1.2), p=0.5),
+        K.RandomBrightness(brightness=(0.9, 1.1), p=0.5),
+        K.RandomGamma(gamma=(0.8, 1.2), p=0.3),
+        K.RandomGaussianNoise(std=0.03, p=0.3),
+        K.RandomErasing(scale=(0.001, 0.01), p=0.5),
+    ).to(device)
+
+
+def bench_xray(args: argparse.Namespace) -> dict[str, Any]:
+    """``recipes.xray_classification`` on a batch of 64 radiograph-sized 512^2 images against
+    the same operations in Albumentations (one image at a time, numpy/OpenCV, as its users
+    run it) and kornia (batched torch)."""
+    from synthlesion.augment import recipes
+
+    size, batch = (128, 8) if args.quick else (512, 64)
+    image, _, _, source = phantom(size, 2)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.from_numpy(image).float()[None, None].expand(batch, 1, -1, -1)
+    images = (base + 0.02 * torch.randn(base.shape, generator=gen)).contiguous()
+    boxes = torch.tensor([[[size * 0.4, size * 0.4, size * 0.6, size * 0.6]]] * batch,
+                         dtype=torch.float64)  # fmt: skip
+    ours = recipes.xray_classification("image", box_keys="boxes", box_format="xyxy_voxel", seed=0)
+    data = {"image": images, "boxes": boxes, "finding": torch.ones(batch)}
+    runners = [Runner("synthlesion", lambda: ours(data), batch, args.device)]
+    errors = {}
+    try:
+        albu = _xray_albumentations()
+        arrays = [images[b, 0].numpy().copy() for b in range(batch)]
+        runners.append(Runner("albumentations", lambda: [albu(image=a) for a in arrays], batch,
+                              "cpu"))  # fmt: skip
+    except ImportError as exc:
+        errors["albumentations"] = f"not installed ({exc})"
+    try:
+        kornia_pipe = _xray_kornia(args.device)
+
+        def kornia_step() -> Any:
+            x = images.to(args.device)
+            low = x.amin((2, 3), keepdim=True)
+            high = x.amax((2, 3), keepdim=True)
+            return kornia_pipe((x - low) / (high - low).clamp_min(1e-8))
+
+        runners.append(Runner("kornia", kornia_step, batch, args.device))
+    except ImportError as exc:
+        errors["kornia"] = f"not installed ({exc})"
+    for r in runners:
+        r.warmup()
+    rounds = 0
+    while rounds < args.min_rounds or (
+        rounds < args.max_rounds and min(r.seconds for r in runners if not r.error) < args.seconds
+    ):
+        for r in runners:
+            r.run_once()
+        rounds += 1
+    result: dict[str, Any] = {"shape": f"{batch}x1x{size}x{size}", "source": source,
+                              "device": args.device, "batch": batch, "missing": errors}  # fmt: skip
+    for r in runners:
+        result[r.name] = {"images_per_s": r.rate, "images": r.done, "seconds": round(r.seconds, 2),
+                          "error": r.error}  # fmt: skip
+    ours_rate = result["synthlesion"]["images_per_s"]
+    for other in ("albumentations", "kornia"):
+        rate = result.get(other, {}).get("images_per_s")
+        if ours_rate and rate:
+            result[f"synthlesion_vs_{other}"] = ours_rate / rate
+    return result
+
+
+def report_xray(result: dict[str, Any]) -> None:
+    print(f"\nX-ray recipe, {result['shape']} on {result['device']} (synthlesion and kornia "
+          "batched; Albumentations one image at a time)")  # fmt: skip
+    for name in ("synthlesion", "albumentations", "kornia"):
+        if name in result:
+            r = result[name]
+            extra = f"  error: {r['error']}" if r["error"] else ""
+            print(f"  {name:22s} {_fmt(r['images_per_s'])} images/s  "
+                  f"[{r['images']} images in {r['seconds']:.1f} s]{extra}")  # fmt: skip
+    for name, why in result["missing"].items():
+        print(f"  {name:22s} {why}")
+    for key, value in result.items():
+        if "_vs_" in key:
+            print(f"  ratio {key:40s} {value:8.2f}x")
+
+
 def _fmt(rate: float | None) -> str:
     return f"{rate:9.2f}" if rate else "      n/a"
 
@@ -384,6 +492,8 @@ def main() -> int:
     parser.add_argument("--skip-torchio", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--sizes", default=None, help="comma list like 128x3,96x3,512x2")
+    parser.add_argument("--xray", choices=("also", "only", "skip"), default="also",
+                        help="the X-ray recipe against Albumentations and kornia")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -412,10 +522,14 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, device {args.device}")  # fmt: skip
     results = []
-    for size, nd in sizes:
+    for size, nd in sizes if args.xray != "only" else []:
         result = bench_size(size, nd, args)
         report(result)
         results.append(result)
+    xray = None
+    if args.xray != "skip":
+        xray = bench_xray(args)
+        report_xray(xray)
     summary = {
         "benchmark": "augment",
         "device": args.device,
@@ -424,7 +538,11 @@ def main() -> int:
         "quick": args.quick,
         "targets": TARGETS["cuda" if cuda else "cpu"],
         "results": results,
+        "xray": xray,
     }
+    if not results:
+        print(json.dumps(summary, separators=(",", ":")))
+        return 0
     main_result = results[0]
     if cuda:
         best = main_result[main_result["synthlesion_best"]]["volumes_per_s"] or 0.0

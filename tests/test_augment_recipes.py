@@ -223,3 +223,11 @@ def test_monai_dataloader_batch_then_synthlesion_on_the_batch(real_case):
     assert out["image"].affine.shape == (2, 4, 4)
     assert not torch.allclose(out["image"].affine, before)
     torch.testing.assert_close(out["label"].affine, out["image"].affine)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 3.0, 25.0, 50.0, 90.0, 99.5, 100.0])
+def test_percentile_matches_torch_quantile(q):
+    from synthlesion.augment.normalise import percentile
+
+    x = torch.randn(3, 2, 1001, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(percentile(x, q), torch.quantile(x, q / 100, dim=-1))

@@ -88,13 +88,8 @@ class NormalizeIntensity(IntensityTransform):
             low, high = self.window
             return ((x - low) / (high - low)).clamp(0, 1)
         if self.mode == "percentile":
-            q = torch.tensor(
-                [self.percentiles[0] / 100, self.percentiles[1] / 100],
-                dtype=flat.dtype,
-                device=x.device,
-            )
-            bounds = torch.quantile(flat, q, dim=-1)  # (2, B, C)
-            low, high = bounds[0].view(shape), bounds[1].view(shape)
+            low = percentile(flat, self.percentiles[0]).view(shape)
+            high = percentile(flat, self.percentiles[1]).view(shape)
             span = torch.where(high > low, high - low, torch.ones_like(high))
             return ((x - low) / span).clamp(0, 1).to(x.dtype)
         if self.nonzero:
@@ -108,6 +103,26 @@ class NormalizeIntensity(IntensityTransform):
         mean = flat.mean(-1).view(shape)
         std = flat.std(-1, unbiased=False).clamp_min(1e-8).view(shape)
         return ((x - mean) / std).to(x.dtype)
+
+
+def percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(flat, q / 100, dim=-1)`` (linear interpolation), exact, computed from
+    the tail alone (``topk``) when the percentile lies in the outer quarter: several times
+    faster than a sort of every voxel."""
+    n = flat.shape[-1]
+    pos = q / 100 * (n - 1)
+    lo = int(pos)
+    w = pos - lo
+    if n < 8 or (q > 25 and q < 75):
+        return torch.quantile(flat, q / 100, dim=-1)
+    if q <= 25:
+        vals = torch.topk(flat, min(lo + 2, n), dim=-1, largest=False, sorted=True).values
+        below, above = vals[..., lo], vals[..., min(lo + 1, n - 1)]
+    else:
+        rank = n - 1 - lo  # position of the lower neighbour counted from the top
+        vals = torch.topk(flat, min(rank + 1, n), dim=-1, largest=True, sorted=True).values
+        below, above = vals[..., rank], vals[..., max(rank - 1, 0)]
+    return below + (above - below) * w
 
 
 def orientation_code(affine: np.ndarray) -> str:
