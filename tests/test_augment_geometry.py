@@ -305,3 +305,40 @@ def test_batched_boxes_equal_each_element_alone():
         alone = t.apply(dict(sub, spacing=data["spacing"]), params.select(i))
         torch.testing.assert_close(alone["boxes"], out["boxes"][i : i + 1], equal_nan=True)
         assert math.isfinite(float(alone["boxes"][0, 0, 0]))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("batched", [True, False])
+def test_crops_cut_boxes_and_points(nd, batched):
+    data = scene(nd, batch=2)
+    data["points"] = data["boxes"][:, :2, :nd].clone()
+    roi = (12,) * nd
+    crop = RandCropByLabel("image", "label", roi_size=roi, num_samples=3, box_keys="boxes",
+                           box_format=FORMAT[nd], point_keys="points", point_format="voxel",
+                           outside="flag", spatial_dims=None if batched else nd, seed=2)  # fmt: skip
+    if batched:
+        out = crop(data)
+        crops = [{k: out[k][i] for k in ("image", "label", "boxes", "points", "boxes_inside")}
+                 for i in range(6)]  # fmt: skip
+        starts = out[APPLIED_KEY][-1]["params"]["start"].reshape(6, nd)
+    else:
+        crops, starts = [], []
+        for b in range(2):
+            item = {"image": data["image"][b], "label": data["label"][b],
+                    "boxes": data["boxes"][b], "points": data["points"][b]}  # fmt: skip
+            items = crop(item)
+            crops += items
+            starts += list(items[0][APPLIED_KEY][-1]["params"]["start"])
+    for i, c in enumerate(crops):
+        b = i // 3
+        start = torch.as_tensor(starts[i], dtype=torch.float64)
+        torch.testing.assert_close(c["points"], data["points"][b] - start)
+        for n, value in enumerate((2, 3)):
+            want = lesion_box(c["label"][0], value)
+            got = c["boxes"][n]
+            if want is None:  # the lesion is not in this crop (its box's corners may be)
+                continue
+            assert bool(c["boxes_inside"][n])
+            # the clipped box equals the visible part of the lesion's box
+            assert (got[:nd] <= want[:nd]).all() and (got[nd:] >= want[nd:]).all()
+            assert (got[:nd] >= 0).all() and (got[nd:] <= torch.tensor(roi)).all()

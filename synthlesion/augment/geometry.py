@@ -545,3 +545,67 @@ def translation_map(start: torch.Tensor) -> torch.Tensor:
     m = torch.eye(nd + 1, dtype=torch.float64, device=start.device).repeat(batch, 1, 1)
     m[:, :nd, nd] = start.to(torch.float64)
     return m
+
+
+def crop_geometry(
+    view: BatchView,
+    geometry: GeometryKeys,
+    start: torch.Tensor,
+    roi: Sequence[int],
+    per_input: int,
+    transform: str,
+) -> dict[str, torch.Tensor]:
+    """Boxes and points of a batch cut into crops: ``(B * K, N, w)`` rows per key.
+
+    Crop ``i`` (of input ``i // K``) starts at voxel ``start[i]`` ``(B * K, d)`` and has the
+    size ``roi``; voxel rows shift by ``-start``, boxes are clipped to the crop, and rows that
+    leave it follow ``geometry.outside``. World rows keep their world coordinates (the crop's
+    affine moves its origin instead), clipped to the crop. ``<key>_inside`` flags are returned
+    under that name with ``"flag"``.
+    """
+    nd = view.info.spatial_dims
+    out: dict[str, torch.Tensor] = {}
+    shift = start.to(torch.float64)[:, None]  # (B*K, 1, d)
+    affines = None
+    world_needed = (geometry.box_format or "").endswith(
+        "_world"
+    ) or geometry.point_format == "world"
+    if world_needed and any(k in view.data for k in geometry.keys):
+        found = item_affine(view)
+        if found is None:
+            raise AugmentationError(
+                "world coordinates need the image's affine (MONAI MetaTensor or meta dict)",
+                key=next(k for k in geometry.keys if k in view.data),
+                transform=transform,
+            )
+        before = spatial_affine(found[1], nd, found[0], transform).to(start.device)
+        before = before.expand(view.info.batch_size, -1, -1).repeat_interleave(per_input, 0)
+        affines = (before, before @ translation_map(start))
+    for keys, is_box in ((geometry.box_keys, True), (geometry.point_keys, False)):
+        fmt = geometry.box_format if is_box else geometry.point_format
+        if fmt is None:
+            continue
+        world = fmt.endswith("world")
+        for key in keys:
+            rows = read_rows(view, key, 2 * nd if is_box else nd, transform)
+            if rows is None:
+                continue
+            rows = rows.repeat_interleave(per_input, 0)
+            if is_box:
+                voxel = world_to_voxel_boxes(rows, affines[0]) if world else rows
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=True)
+                moved = voxel - shift.repeat(1, 1, 2)
+                moved, inside = clip_boxes(moved, roi, geometry.min_visible)
+                result = voxel_to_world_boxes(moved, affines[1]) if world else moved
+            else:
+                voxel = _apply_affine(torch.linalg.inv(affines[0]), rows) if world else rows
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=False)
+                moved = voxel - shift
+                inside = points_inside(moved, roi)
+                result = _apply_affine(affines[1], moved) if world else moved
+            nan = torch.isnan(rows).any(-1)
+            keep = inside if geometry.outside == "drop" else ~nan
+            out[key] = torch.where(keep[..., None], result, torch.full_like(result, float("nan")))
+            if geometry.outside == "flag":
+                out[key + INSIDE_SUFFIX] = inside
+    return out

@@ -23,7 +23,12 @@ from synthlesion.augment.base import (
     as_range,
     uniform,
 )
-from synthlesion.augment.geometry import translation_map
+from synthlesion.augment.geometry import (
+    INSIDE_SUFFIX,
+    GeometryKeys,
+    crop_geometry,
+    translation_map,
+)
 
 
 def _partners(generator: torch.Generator, info: BatchInfo) -> torch.Tensor:
@@ -75,6 +80,9 @@ class RandCropByLabel(Transform):
         num_samples: Crops per volume (K).
         pos, neg: Weights of foreground and background centres.
         label_key: Label map deciding foreground (> 0); default the first label key.
+        box_keys, box_format, point_keys, point_format, outside, min_visible: Boxes and
+            points cut with the crops (shifted, clipped; see
+            :mod:`synthlesion.augment.geometry`).
         **kwargs: ``p``, ``seed``, ``device``, ``spatial_dims``, ...
     """
 
@@ -90,9 +98,18 @@ class RandCropByLabel(Transform):
         pos: float = 1.0,
         neg: float = 1.0,
         label_key: str | None = None,
+        box_keys: str | Sequence[str] | None = None,
+        box_format: str | None = None,
+        point_keys: str | Sequence[str] | None = None,
+        point_format: str | None = None,
+        outside: str = "drop",
+        min_visible: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, label_keys, **kwargs)
+        self.geometry = GeometryKeys.build(
+            self.name, box_keys, box_format, point_keys, point_format, None, outside, min_visible
+        )
         if not self.label_keys:
             raise AugmentationError("needs a label key", transform=self.name)
         self.label_key = label_key or self.label_keys[0]
@@ -144,6 +161,12 @@ class RandCropByLabel(Transform):
         start = torch.minimum((centre - half).clamp_min(0), top)
         params.values["start"] = start
         params.values["positive"] = positive & params.applied[:, None]
+        if self.geometry:
+            moved = crop_geometry(
+                view, self.geometry, start.reshape(-1, len(shape)), roi, k, self.name
+            )
+            for key, rows in moved.items():
+                view.data[key] = rows
         starts = start.reshape(-1, len(shape)).tolist()
         for key, x in {**view.images, **view.labels}.items():
             crops = [
@@ -174,6 +197,10 @@ class RandCropByLabel(Transform):
             item = dict(view.data)
             for key, value in {**view.images, **view.labels}.items():
                 item[key] = view.wrap(key, value[j], slice(j, j + 1), item)
+            for key in self.geometry.keys:
+                for name in (key, key + INSIDE_SUFFIX):
+                    if name in view.data and isinstance(view.data[name], torch.Tensor):
+                        item[name] = view.data[name][j]
             items.append(item)
         return items
 

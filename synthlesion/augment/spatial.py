@@ -44,7 +44,7 @@ from synthlesion.augment.warp import (
 MAX_ROTATION_DEG = 30.0
 SCALE_BOUNDS = (0.7, 1.4)
 MAX_SHEAR = 0.3
-NOT_INVERTIBLE = {"RandCropByLabel", "LesionMixup", "LesionCopyPaste"}
+NOT_INVERTIBLE = {"RandCropByLabel", "LesionMixup", "LesionCopyPaste", "LesionCutMix"}
 
 
 def _planes(nd: int) -> list[tuple[int, int]]:
