@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from synthlesion import __version__
 from synthlesion.config import (
@@ -688,6 +689,89 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reader_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reader-study",
+        help="a blinded real-vs-synthetic reader study in the browser: make, serve, score",
+        description="make: draw real and synthetic lesion cases and render them blinded; "
+        "serve: the local reading page; score: accuracy, sensitivity, specificity, AUC, "
+        "binomial test and Fleiss' kappa.",
+    )
+    steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
+    make = steps.add_parser("make", help="make a study folder (and its key beside it)")
+    make.add_argument("--data", required=True, help="real cases (dataset.json or folder)")
+    make.add_argument("--splits", required=True, help="the locked splits file")
+    make.add_argument(
+        "--manifest", action="append", required=True, help="a synthetic manifest (repeatable)"
+    )
+    make.add_argument("--out", required=True, help="the study folder to create")
+    make.add_argument(
+        "--n", type=bounded_count_arg(1, 100_000), default=50, help="cases per class (default 50)"
+    )
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--split", default="test", help="split the real lesion cases come from")
+    make.add_argument("--key", default=None, help="where the key goes (default DIR.key.json)")
+    make.add_argument(
+        "--include-rejected", action="store_true", help="also cases their quality gate rejected"
+    )
+    make.add_argument("--outline", action="store_true", help="show lesion outlines by default")
+    make.add_argument("--overwrite", action="store_true", help="replace an earlier study")
+    serve = steps.add_parser("serve", help="serve a study's reading page on this machine")
+    serve.add_argument("study", help="the study folder")
+    serve.add_argument("--port", type=bounded_count_arg(0, 65535), default=8765)
+    serve.add_argument("--host", default="127.0.0.1", help="address (default: this machine only)")
+    score = steps.add_parser("score", help="score the readers' answers")
+    score.add_argument("study", help="the study folder")
+    score.add_argument("--key", default=None, help="the study's key (default DIR.key.json)")
+    score.add_argument("--out", default=None, help="folder for scores.json/html (default DIR)")
+    score.add_argument("--report", default=None, help="an HTML report to add the panel to")
+    p.set_defaults(handler=_cmd_reader_study)
+
+
+def _cmd_reader_study(args: argparse.Namespace) -> int:
+    if args.step == "make":
+        from synthlesion.reader_study.study import make_study
+
+        result = make_study(
+            args.data, args.splits, args.manifest, args.out, n=args.n, seed=args.seed,
+            real_split=args.split, key=args.key, include_rejected=args.include_rejected,
+            outline=args.outline, overwrite=args.overwrite, log=print,
+        )  # fmt: skip
+        left = result["left_out"]
+        print(
+            f"left out of the synthetic pool: {left['guard_violations']} guard violation(s), "
+            f"{left['rejected_by_quality']} rejected by the quality gate\n"
+            f"serve it: synthlesion reader-study serve {args.out}"
+        )
+        return 0
+    if args.step == "serve":
+        from synthlesion.reader_study.server import make_server
+
+        server = make_server(args.study, args.host, args.port)
+        host, port = server.server_address[:2]
+        print(f"reader study at http://{host}:{port}/  (Ctrl-C stops; answers are saved)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        return 0
+    from synthlesion.reader_study.score import score_study
+
+    result = score_study(args.study, key=args.key, out=args.out, report=args.report)
+    pooled = result["pooled"]
+    ci = pooled["accuracy_ci95"]
+    print(
+        f"{len(result['readers'])} reader(s), {result['cases']} cases: pooled accuracy "
+        f"{pooled['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], AUC "
+        f"{pooled['auc'] if pooled['auc'] is None else round(pooled['auc'], 3)}, binomial p "
+        f"{pooled['binomial_p']:.3g}; Fleiss' kappa {result['fleiss_kappa']}\n"
+        f"scores: {Path(args.out or args.study) / 'scores.json'} (and scores.html)"
+    )
+    return 0
+
+
 BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_check,
     _add_split,
@@ -697,6 +781,7 @@ BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build_dataset,
     _add_evaluate,
     _add_demo,
+    _add_reader_study,
 ]
 
 

@@ -248,6 +248,29 @@ class DatasetBuilder:
             shutil.rmtree(work, ignore_errors=True)
         return GuardReport(sink.violations, sink.summary(), self._counts(scan, None))
 
+    def admitted_synthetic(self) -> tuple[list[dict[str, Any]], GuardReport]:
+        """The synthetic cases a build would take into training, without writing anything.
+
+        Every guard runs (violations are collected, not raised); a row that fails one, or its
+        quality gate (unless ``include_rejected``), is left out. Each admitted case is a dict
+        with ``case_id``, ``source_case``, ``source_patient``, ``generator`` (sha256),
+        ``generator_path``, ``manifest`` (index), ``row``, ``mask_origin``, ``images`` and
+        ``mask`` (resolved paths) and ``passed``. The report's ``counts`` hold
+        ``rejected_by_quality`` and the manifests' row counts.
+        """
+        sink = ViolationSink(collect=True)
+        work = Path(tempfile.mkdtemp(prefix="synthlesion-check-"))
+        try:
+            scan = self._scan(work, sink)
+            with open(work / "synthetic.jsonl", encoding="utf-8") as lines:
+                admitted = [json.loads(line) for line in lines if line.strip()]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        counts = self._counts(scan, None)
+        counts["rejected_by_quality"] = scan.rejected_by_quality
+        counts["manifest_rows"] = sum(m["rows"] for m in scan.manifests)
+        return admitted, GuardReport(sink.violations, sink.summary(), counts)
+
     def build(
         self, out_dir: str | Path, *, overwrite: bool = False, report: bool = False
     ) -> BuildResult:

@@ -1,0 +1,316 @@
+"""The reader study: made from the demo's outputs, taken in a real headless browser, scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthlesion.cli import main
+from synthlesion.reader_study import (
+    AnswerLog,
+    AnswersError,
+    ReaderConflict,
+    StudyError,
+    make_server,
+    make_study,
+    score_study,
+)
+from synthlesion.reader_study.score import fleiss_kappa, roc_auc, wilson
+from synthlesion.reader_study.study import KEY_FORMAT, STUDY_FORMAT
+from synthlesion.storage import sha256_bytes
+
+CHROMIUM = next(
+    (p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from synthlesion.evaluation.demo import run_demo
+
+    out = tmp_path_factory.mktemp("reader") / "demo"
+    run_demo(out, quick=True, threads=1)
+    return out
+
+
+def _make(demo: Path, out: Path, **kwargs):
+    return make_study(
+        demo / "data" / "phantom" / "dataset.json", demo / "data" / "splits.json",
+        [demo / "synthetic" / "manifest.jsonl"], out, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "study one"
+    _make(demo, out, n=5, seed=1, real_split="train", include_rejected=True)
+    return out
+
+
+def _forbidden(demo: Path, study: Path) -> list[str]:
+    """Case ids, patient ids and paths of the study's cases: none may reach the page."""
+    key = json.loads((study.parent / f"{study.name}.key.json").read_text())
+    words = [str(demo), "imagesTr", "labelsTr", "manifest", "nii"]
+    for case in key["cases"]:
+        words += [case["case_id"], case["patient_id"]]
+        if case["generator"]:
+            words.append(case["generator"])
+    return words
+
+
+@pytest.mark.slow
+def test_study_is_blinded_and_the_key_stays_outside(demo, study):
+    key_path = study.parent / f"{study.name}.key.json"
+    key = json.loads(key_path.read_text())
+    assert key["format"] == KEY_FORMAT and len(key["cases"]) == 10
+    assert sorted(c["truth"] for c in key["cases"]) == ["real"] * 5 + ["synthetic"] * 5
+    study_json = json.loads((study / "study.json").read_text())
+    assert study_json["format"] == STUDY_FORMAT
+    assert study_json["key_sha256"] == sha256_bytes(key_path.read_bytes())
+    assert not list(study.rglob("*key*"))
+    forbidden = _forbidden(demo, study)
+    for path in [study / "study.json", *(study / "page").rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            for word in forbidden:
+                assert word.encode() not in data, (path, word)
+            if path.suffix == ".json":
+                text = data.decode()
+                assert "real" not in text and "synthetic" not in text and "truth" not in text
+    # the order mixes the classes; views are lesion-centred crops with a lesion outline
+    truths = [
+        next(c["truth"] for c in key["cases"] if c["study_id"] == i) for i in study_json["cases"]
+    ]
+    assert truths != sorted(truths) and truths != sorted(truths, reverse=True)
+    for case in study_json["cases"]:
+        meta = json.loads((study / "page" / "cases" / f"{case}.json").read_text())
+        mask = np.frombuffer((study / "page" / "cases" / f"{case}.mask").read_bytes(), np.uint8)
+        mask = mask.reshape(meta["shape"])
+        assert mask[tuple(meta["centre"])] or mask.any()
+        assert meta["window"] == [40.0, 400.0]  # CT: the soft-tissue window
+
+
+def test_bad_requests_to_make_are_refused(demo, tmp_path):
+    with pytest.raises(StudyError, match="larger than the real pool"):
+        _make(demo, tmp_path / "s", n=500, real_split="train", include_rejected=True)
+    with pytest.raises(StudyError, match="--split 'nope'"):
+        _make(demo, tmp_path / "s", n=1, real_split="nope")
+    with pytest.raises(StudyError, match="must not lie inside"):
+        _make(demo, tmp_path / "s", n=1, real_split="train", key=tmp_path / "s" / "k.json")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    with pytest.raises(StudyError, match="not empty"):
+        _make(demo, tmp_path / "full", n=1, real_split="train", include_rejected=True)
+    assert (tmp_path / "full" / "x").read_text() == "mine"
+
+
+def test_cases_failing_guards_or_the_gate_are_left_out_and_counted(demo, tmp_path):
+    manifest = tmp_path / "manifest"
+    shutil.copytree(demo / "synthetic", manifest)
+    rows = (manifest / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    (manifest / "manifest.jsonl").write_bytes(b"".join(rows[:2] + rows[3:]))  # a row cut out
+    args = (demo / "data" / "phantom" / "dataset.json", demo / "data" / "splits.json",
+            [manifest / "manifest.jsonl"])  # fmt: skip
+    result = make_study(*args, tmp_path / "s", n=1, real_split="train", include_rejected=True)
+    assert result["left_out"]["guard_violations"] >= 1  # the broken rows, counted
+    with pytest.raises(StudyError, match="synthetic pool.*failed a guard"):
+        make_study(*args, tmp_path / "s2", n=2, real_split="train", include_rejected=True)
+    strict = tmp_path / "strict"
+    with pytest.raises(StudyError, match="synthetic pool") as info:
+        _make(demo, strict, n=1, real_split="train")  # the gate's rejects are left out
+    rejected = sum(
+        1 for line in (demo / "synthetic" / "manifest.jsonl").read_text().splitlines()[1:]
+        if '"passed":false' in line
+    )  # fmt: skip
+    if rejected:
+        assert f"{rejected} the quality gate" in str(info.value)
+
+
+def _serve(study: Path):
+    server = make_server(study, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system's chromium")
+def test_a_reader_takes_the_study_in_a_real_browser(demo, study, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    taken = tmp_path / "taken"
+    shutil.copytree(study, taken)
+    shutil.copy(study.parent / f"{study.name}.key.json", tmp_path / "taken.key.json")
+    server, url = _serve(taken)
+    forbidden = _forbidden(demo, study)
+    choices = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])  # fmt: skip
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#reader-id", "reader-a")
+            page.click("#start")
+            expect(page.locator("#progress")).to_contain_text("case 1 of 10")
+            html = page.content()
+            for word in forbidden:
+                assert word not in html, word
+            for i in range(10):
+                if i == 5:  # a reload in the middle: nothing lost, resumes at case 6
+                    page.reload()
+                    expect(page.locator("#progress")).to_contain_text("case 6 of 10 · 5 answered")
+                answer = "synthetic" if i % 3 else "real"
+                confidence = 1 + i % 5
+                if i % 2:  # by keyboard
+                    page.keyboard.press("s" if answer == "synthetic" else "r")
+                    page.keyboard.press(str(confidence))
+                else:
+                    page.click(f"#btn-{answer}")
+                    page.click(f".conf[data-value='{confidence}']")
+                choices.append((answer, confidence))
+                want = f"{i + 1} answered"
+                expect(page.locator("#progress")).to_contain_text(want)
+            # back one case and change the answer before submitting
+            page.click("#prev")
+            expect(page.locator("#progress")).to_contain_text("case 9 of 10")
+            page.click("#btn-real")
+            page.click(".conf[data-value='5']")
+            choices[8] = ("real", 5)
+            page.keyboard.press("o")  # the outline toggles, the page keeps working
+            expect(page.locator("#submit")).to_be_enabled()
+            page.click("#submit")
+            expect(page.locator("#done")).to_be_visible()
+            # another browser cannot take the same reader id
+            other = browser.new_context().new_page()
+            other.goto(url)
+            other.fill("#reader-id", "reader-a")
+            other.click("#start")
+            expect(other.locator("#status")).to_contain_text("already taken")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    study_json = json.loads((taken / "study.json").read_text())
+    log = AnswerLog(
+        taken / "answers" / "reader-a.jsonl", study_json["study_id"], study_json["cases"]
+    )
+    assert log.submitted
+    final = log.answers()
+    assert [(final[c]["answer"], final[c]["confidence"]) for c in study_json["cases"]] == choices
+    result = score_study(taken)
+    key = json.loads((tmp_path / "taken.key.json").read_text())
+    truth = {c["study_id"]: c["truth"] for c in key["cases"]}
+    correct = sum(final[c]["answer"] == truth[c] for c in study_json["cases"])
+    assert result["pooled"]["correct"] == correct and result["readers"]["reader-a"]["submitted"]
+    assert (taken / "scores.html").read_text().count("<table>") == 3
+
+
+def _fixed_study(tmp_path: Path) -> Path:
+    """Six cases (3 real, 3 synthetic of two generators), two readers, fixed answers."""
+    study = tmp_path / "fixed"
+    (study / "answers").mkdir(parents=True)
+    ids = [f"{i:016x}" for i in range(1, 7)]
+    sizes = [5.0, 6.0, 10.0, 12.0, 20.0, 30.0]
+    generators = [None, None, None, "g1", "g1", "g2"]
+    key = {"format": KEY_FORMAT, "study_id": "s1", "cases": [
+        {"study_id": i, "truth": "real" if g is None else "synthetic", "case_id": f"c{n}",
+         "patient_id": f"p{n}", "generator": g, "passed_gate": None, "lesion_size_mm": s,
+         "lesion_voxels": 1}
+        for n, (i, s, g) in enumerate(zip(ids, sizes, generators, strict=True))]}  # fmt: skip
+    key_bytes = json.dumps(key).encode()
+    (tmp_path / "fixed.key.json").write_bytes(key_bytes)
+    (study / "study.json").write_text(json.dumps({
+        "format": STUDY_FORMAT, "study_id": "s1", "cases": ids, "key_sha256": sha256_bytes(key_bytes),
+    }))  # fmt: skip
+    answers = {
+        "A": [("real", 5), ("synthetic", 2), ("real", 4), ("synthetic", 5), ("synthetic", 3), ("real", 1)],
+        "B": [("real", 3), ("real", 4), ("synthetic", 2), ("real", 2), ("synthetic", 4), ("synthetic", 5)],
+    }  # fmt: skip
+    for reader, rows in answers.items():
+        log = AnswerLog(study / "answers" / f"{reader}.jsonl", "s1", ids)
+        log.open_session(reader, "t" * 16 + reader)
+        for case, (answer, confidence) in zip(ids, rows, strict=True):
+            log.answer("t" * 16 + reader, case, answer, confidence)
+        log.submit("t" * 16 + reader)
+    return study
+
+
+def test_scores_reproduce_hand_checked_numbers(tmp_path):
+    study = _fixed_study(tmp_path)
+    result = score_study(study)
+    for reader in ("A", "B"):
+        r = result["readers"][reader]
+        assert (r["correct"], r["n"]) == (4, 6)
+        assert r["sensitivity"] == pytest.approx(2 / 3) and r["specificity"] == pytest.approx(2 / 3)
+        assert r["auc"] == pytest.approx(8 / 9)
+    pooled = result["pooled"]
+    assert pooled["accuracy"] == pytest.approx(8 / 12)
+    assert pooled["accuracy_ci95"] == pytest.approx([0.3906, 0.8619], abs=1e-4)  # Wilson, 8/12
+    assert pooled["auc"] == pytest.approx(32 / 36)
+    assert pooled["binomial_p"] == pytest.approx(2 * 794 / 4096)  # exact, two-sided
+    assert result["fleiss_kappa"] == pytest.approx(-1 / 3)
+    assert result["size_cuts_mm"] == pytest.approx([26 / 3, 44 / 3])
+    small = next(v for k, v in result["by_lesion_size"].items() if k.startswith("small"))
+    assert (small["correct"], small["n"]) == (3, 4)
+    assert result["by_generator"]["g1"]["sensitivity"] == pytest.approx(3 / 4)
+    assert result["by_generator"]["g2"]["sensitivity"] == pytest.approx(1 / 2)
+    assert result["by_generator"]["real"]["specificity"] == pytest.approx(4 / 6)
+    assert json.loads((study / "scores.json").read_text())["pooled"]["correct"] == 8
+    assert main(["reader-study", "score", str(study)]) == 0
+
+
+def test_statistics_helpers():
+    assert wilson(0, 0) is None
+    lo, hi = wilson(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-4)
+    assert roc_auc([1, 2], [True, True]) is None
+    assert fleiss_kappa(np.array([[2, 0], [0, 2]])) == pytest.approx(1.0)
+
+
+def test_tampered_answers_and_other_studies_are_refused(tmp_path, capsys):
+    study = _fixed_study(tmp_path)
+    path = study / "answers" / "A.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[1].replace(b'"real"', b'"synthetic"') + b"".join(lines[2:]))
+    with pytest.raises(AnswersError, match="A.jsonl line 2: the hash chain breaks"):
+        score_study(study)
+    with pytest.raises(AnswersError, match="A.jsonl line 2"):
+        make_server(study, port=0)
+    assert main(["reader-study", "score", str(study)]) == 1
+    assert "hash chain breaks" in capsys.readouterr().err
+    # a key (or answers) from another study
+    other = tmp_path / "other"
+    other.mkdir()
+    other_study = _fixed_study(other)
+    (other / "fixed.key.json").write_text((other / "fixed.key.json").read_text() + " ")
+    with pytest.raises(StudyError, match="not the key of the study"):
+        score_study(other_study)
+    copied = tmp_path / "copied"
+    shutil.copytree(other_study, copied)
+    shutil.copy(tmp_path / "fixed.key.json", tmp_path / "copied.key.json")
+    study_json = json.loads((copied / "study.json").read_text())
+    study_json["study_id"] = "s2"
+    (copied / "study.json").write_text(json.dumps(study_json))
+    with pytest.raises(AnswersError, match="another study"):
+        score_study(copied)
+
+
+def test_one_reader_id_one_session(tmp_path):
+    study = _fixed_study(tmp_path)
+    log = AnswerLog(study / "answers" / "C.jsonl", "s1", [f"{i:016x}" for i in range(1, 7)])
+    log.open_session("C", "x" * 16)
+    log.open_session("C", "x" * 16)  # the same browser resumes
+    with pytest.raises(ReaderConflict, match="already taken"):
+        log.open_session("C", "y" * 16)
+    with pytest.raises(StudyError, match="reader id"):
+        log.open_session("../evil", "x" * 16)
+    with pytest.raises(StudyError, match="not answered"):
+        log.submit("x" * 16)
+    with pytest.raises(StudyError, match="confidence"):
+        log.answer("x" * 16, f"{1:016x}", "real", 7)
