@@ -48,9 +48,16 @@ def test_image_given_as_label() -> None:
     with pytest.raises(AugmentationError, match="negative") as err:
         RandAffine("image", "ct")(data)
     assert err.value.key == "ct"
-    data["big"] = torch.full((2, 1, 10, 12, 14), 700.0)
+    gen = torch.Generator().manual_seed(0)  # an MRI with integral intensities, as floats
+    data["big"] = torch.randint(0, 4000, (2, 1, 10, 12, 14), generator=gen).float()
     with pytest.raises(AugmentationError, match="looks like an image"):
         RandAffine("image", "big")(data)
+    # FreeSurfer-style labels (up to 2035) as MONAI's LoadImaged gives them (float32) are labels
+    aseg = torch.zeros((2, 1, 10, 12, 14))
+    aseg[:, :, 2:5] = 2035.0
+    aseg[:, :, 6:8] = 17.0
+    out = RandAffine("image", "aseg", rotate=(10, 10))({**batch(), "aseg": aseg})
+    assert set(torch.unique(out["aseg"]).tolist()) <= {0.0, 17.0, 2035.0}
 
 
 def test_mismatched_shapes_in_one_item() -> None:

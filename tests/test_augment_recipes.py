@@ -128,7 +128,8 @@ def test_every_recipe_runs_on_a_batch(name, modality, nd):
     pipe = recipes.RECIPES[name]("image", label_keys, seed=0, **kwargs)
     batch = {"image": image, "label": label, "grade": torch.arange(4.0)}
     out = pipe(batch)
-    assert torch.equal(out["grade"], torch.arange(4.0))  # scalar labels pass through
+    crops = out["image"].shape[0] // 4  # per-scan labels follow the crops of their scan
+    assert torch.equal(out["grade"], torch.arange(4.0).repeat_interleave(crops))
     assert torch.isfinite(out["image"]).all()
     assert out["label"].dtype == torch.uint8
     assert set(torch.unique(out["label"]).tolist()) <= {0, 1}

@@ -17,6 +17,7 @@ with one row per sample, so a batch can be reproduced and its spatial part inver
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -39,7 +40,12 @@ SPACING_KEY = "spacing"
 """Dict key of the voxel spacing (mm) of an item, ``(spatial_dims,)`` or ``(B, spatial_dims)``."""
 
 MAX_LABEL_VALUE = 255
-"""Largest value a floating-point label map may hold; larger integral floats look like an image."""
+"""Up to this value integral floats are a label map; above it (e.g. FreeSurfer's labels up to
+2035 as MONAI loads them, float32) only with at most ``MAX_FLOAT_LABELS`` distinct values."""
+
+MAX_FLOAT_LABELS = 1000
+"""Most distinct values of a floating label map with values above ``MAX_LABEL_VALUE`` (an
+image with integral intensities has thousands)."""
 
 _instance_counter = itertools.count()
 
@@ -285,9 +291,8 @@ class BatchView:
             if isinstance(raw, torch.Tensor) and hasattr(raw, "meta") and hasattr(raw, "affine"):
                 self.meta_tensors[key] = raw
             x = _to_tensor(raw, key, transform)
-            if nd is None and key in self.meta_tensors and x.ndim in (3, 4, 5):
-                # a MetaTensor knows whether it is one item (MONAI's per-sample pipeline)
-                nd = x.ndim - (2 if getattr(raw, "is_batch", False) else 1)
+            if nd is None:
+                nd = _dims_from_metadata(self.data, key, raw, x, transform)
             if nd is None:
                 if x.ndim not in (4, 5):
                     raise AugmentationError(
@@ -369,7 +374,9 @@ class BatchView:
                 affine = self.affine(key)
                 if affine is not None:  # MONAI metadata: the spacing is the affine's columns
                     a = affine[None] if affine.ndim == 2 else affine
-                    value = a[:, :nd, :nd].pow(2).sum(1).sqrt().to(torch.float64)
+                    rows = min(3, a.shape[-1] - 1)  # every world axis (a 2D slice may be
+                    # coronal or tilted: its columns reach into the third world axis)
+                    value = a[:, :rows, :nd].pow(2).sum(1).sqrt().to(torch.float64)
                     if value.shape[0] == 1:
                         value = value.expand(batch, -1)
                     if tuple(value.shape) == (batch, nd) and bool((value > 0).all()):
@@ -470,8 +477,8 @@ class BatchView:
             return value
         affine = self.updated_affine(key, rows)
         out = value.as_subclass(type(original))
-        out.copy_meta_from(original)  # a shallow copy of the metadata (the input keeps its own)
-        out.meta = dict(original.meta)
+        out.copy_meta_from(original)
+        out.meta = copy.deepcopy(dict(original.meta))  # the input keeps its own metadata
         out.applied_operations = list(getattr(original, "applied_operations", []))
         out.affine = affine.to(torch.as_tensor(original.affine).dtype)
         out.is_batch = bool(getattr(original, "is_batch", False)) and self.batched
@@ -483,6 +490,40 @@ class BatchView:
         for key, value in itertools.chain(self.images.items(), self.labels.items()):
             self.data[key] = self.wrap(key, value if self.batched else value[0])
         return self.data
+
+
+def _dims_from_metadata(
+    data: Mapping[str, Any], key: str, raw: Any, x: torch.Tensor, transform: str
+) -> int | None:
+    """Spatial dims of ``key`` told by MONAI metadata, or None when there is none.
+
+    A MetaTensor or a ``<key>_meta_dict`` knows whether it is one item: its ``spatial_shape``
+    (written by ``LoadImage``) gives the dims; a batched affine ``(B, 4, 4)`` or ``is_batch``
+    marks a batch (``(B, C, *spatial)``); otherwise it is one item ``(C, *spatial)``.
+    """
+    meta = getattr(raw, "meta", None) if hasattr(raw, "affine") else None
+    if meta is None:
+        meta = data.get(f"{key}_meta_dict")
+        if not isinstance(meta, Mapping) or meta.get("affine") is None:
+            return None
+        affine_ndim = np.asarray(meta["affine"]).ndim
+        batched = affine_ndim == 3
+    else:
+        batched = bool(getattr(raw, "is_batch", False)) or raw.affine.ndim == 3
+    shape = meta.get("spatial_shape")
+    if shape is not None:
+        nd = int(np.asarray(shape).shape[-1])
+    else:
+        nd = x.ndim - (2 if batched else 1)
+    if nd not in (2, 3) or x.ndim not in (nd + 1, nd + 2):
+        raise AugmentationError(
+            f"shape {tuple(x.shape)}: its metadata make it {'a batch' if batched else 'one item'}"
+            f" with {nd} spatial axes; pass spatial_dims (a torch.stack of MetaTensors is not a "
+            "MONAI batch: use MONAI's DataLoader or list_data_collate)",
+            key=key,
+            transform=transform,
+        )
+    return nd
 
 
 def check_image(x: torch.Tensor, key: str, transform: str, *, values: bool = True) -> None:
@@ -526,10 +567,13 @@ def check_label(x: torch.Tensor, key: str, transform: str, *, values: bool = Tru
                 key=key,
                 transform=transform,
             )
-        if float(high) > MAX_LABEL_VALUE:
+        if float(high) > MAX_LABEL_VALUE and (
+            float(high) >= 2**24 or torch.unique(x).numel() > MAX_FLOAT_LABELS
+        ):
             raise AugmentationError(
-                f"floating label values up to {float(high):g} (> {MAX_LABEL_VALUE}): this looks "
-                "like an image; store label maps with an integer dtype",
+                f"floating values up to {float(high):g} with more than {MAX_FLOAT_LABELS} "
+                "distinct values: this looks like an image, not a label map; store label maps "
+                "with an integer dtype",
                 key=key,
                 transform=transform,
             )

@@ -18,6 +18,7 @@ cost of issuing a few hundred operations per batch. CPU batches are unaffected.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from synthlesion.augment.base import AugmentationError, BatchView, Params, Transform
 from synthlesion.augment.cuda_graph import CudaGraphRunner
+from synthlesion.augment.geometry import GeometryKeys
 from synthlesion.augment.intensity import IntensityTransform
 from synthlesion.augment.warp import Step, warp_view
 
@@ -51,56 +53,73 @@ def _fusable_spatial(a: Transform, b: Transform) -> bool:
     )
 
 
-LABEL_LIKE_NAMES = ("label", "labels", "seg", "mask", "masks", "segmentation", "annotation")
+LABEL_LIKE_NAMES = {
+    "label", "labels", "labelmap", "seg", "segs", "segmentation", "mask", "masks", "gt",
+    "annotation", "annotations", "aseg", "parc",
+}  # fmt: skip
 
 
 def _looks_like_label(key: str) -> bool:
-    name = key.lower()
-    return any(name == n or name.endswith(("_" + n, "-" + n)) for n in LABEL_LIKE_NAMES)
+    """``label``, ``seg0``, ``liver_mask``, ``label_map``, ``gt``, ``tumour-seg`` ..."""
+    words = [w for w in re.split(r"[^a-z]+", key.lower()) if w]
+    return any(w in LABEL_LIKE_NAMES for w in words) or "".join(words) in LABEL_LIKE_NAMES
 
 
 def check_order(transforms: Sequence[Transform]) -> None:
     """Refuse the orders the field forbids.
 
-    * an intensity normalisation after a random transform (the normalisation would undo or
-      depend on the augmentation: normalise first);
-    * a label map resampled with anything but nearest neighbour: a key that is a label key
-      of one transform and an image key (linear interpolation) of a spatial transform, or a
-      key named like a label map (``label``, ``seg``, ``mask``, ``*_label`` ...) among a
-      spatial transform's image keys.
+    * an intensity normalisation of a key after a random transform of that key (the
+      normalisation would undo or depend on the augmentation: normalise first);
+    * a label map treated as an image: a key that is a label key of one transform and an
+      image key (linear interpolation, noise, ...) of another, or a key named like a label map
+      (``label``, ``seg0``, ``liver_mask``, ``gt`` ...) among any transform's image keys;
+    * boxes or points that follow some spatial transforms but not others (they would miss a
+      move): every spatial transform of a pipeline names the same box and point keys.
     """
-    seen_random: Transform | None = None
+    randomised: dict[str, Transform] = {}
     for t in transforms:
-        if t.is_normalisation and seen_random is not None:
-            raise AugmentationError(
-                f"{t.name} normalises intensities after the random transform "
-                f"{seen_random.name}: put the normalisation first (normalising after "
-                "augmentation undoes it and leaks its statistics)",
-                key=(t.keys or t.label_keys)[0],
-                transform="Compose",
-            )
+        if t.is_normalisation:
+            touched = [k for k in t.keys if k in randomised]
+            if touched:
+                raise AugmentationError(
+                    f"{t.name} normalises intensities after the random transform "
+                    f"{randomised[touched[0]].name}: put the normalisation first (normalising "
+                    "after augmentation undoes it and leaks its statistics)",
+                    key=touched[0],
+                    transform="Compose",
+                )
         if t.is_random:
-            seen_random = seen_random or t
+            for k in (*t.keys, *t.label_keys):
+                randomised.setdefault(k, t)
     label_keys = {k for t in transforms for k in t.label_keys}
     for t in transforms:
-        if not t.is_spatial:
-            continue
         for key in t.keys:
             if key in label_keys:
                 raise AugmentationError(
                     f"is a label key elsewhere in the pipeline but an image key of {t.name}, "
-                    "which would interpolate it linearly: list it in label_keys (nearest)",
+                    "which would interpolate or change its values: list it in label_keys",
                     key=key,
                     transform="Compose",
                 )
             if _looks_like_label(key):
                 raise AugmentationError(
                     f"is named like a label map but is an image key of {t.name}, which would "
-                    "interpolate it linearly: list it in label_keys (nearest neighbour), or "
-                    "rename it if it really is an image",
+                    "interpolate or change its values: list it in label_keys (nearest "
+                    "neighbour, values kept), or rename it if it really is an image",
                     key=key,
                     transform="Compose",
                 )
+    moving = [t for t in transforms if t.is_spatial or t.changes_batch]
+    followed = {k for t in moving for k in getattr(t, "geometry", GeometryKeys()).keys}
+    for t in moving:
+        missing = followed - set(getattr(t, "geometry", GeometryKeys()).keys)
+        if missing and (t.is_spatial or getattr(t, "geometry", None) is not None):
+            raise AugmentationError(
+                f"boxes/points follow other spatial transforms but not {t.name}: give it the "
+                "same box_keys/point_keys (and formats), or they miss its move",
+                key=sorted(missing)[0],
+                transform="Compose",
+            )
 
 
 class Compose:

@@ -79,11 +79,13 @@ class _Lesion:
 def lesions_of(
     mask: np.ndarray | None, boxes: np.ndarray | None, shape: Sequence[int]
 ) -> list[_Lesion]:
-    """The lesions of one sample: connected components of ``mask`` (full connectivity) and
-    the voxel boxes ``(N, 2d)`` (NaN rows skipped)."""
+    """The lesions of one sample: the connected components (full connectivity) of each lesion
+    label of ``mask`` (a label map, 0 background: two touching lesions of different labels
+    stay two) and the voxel boxes ``(N, 2d)`` (NaN rows skipped)."""
     out: list[_Lesion] = []
-    if mask is not None and mask.any():
-        labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    structure = None if mask is None else np.ones((3,) * mask.ndim, dtype=bool)
+    for value in np.unique(mask[mask != 0]) if mask is not None else []:
+        labels, _ = ndimage.label(mask == value, structure=structure)
         for index, box in enumerate(ndimage.find_objects(labels), start=1):
             if box is not None:
                 out.append(_Lesion(box, labels[box] == index))
@@ -132,7 +134,10 @@ def _protection(
             raise AugmentationError(
                 "the lesion label key is not in the item", key=protect_key, transform=transform
             )
-        masks = _member(view.labels[protect_key], lesion_values).cpu().numpy()
+        label = view.labels[protect_key]
+        member = _member(label, lesion_values)
+        value = label.max(1).values if label.shape[1] > 1 else label[:, 0]
+        masks = torch.where(member, value.to(torch.int64), 0).cpu().numpy()
     boxes = None
     if box_key is not None:
         if box_format is not None and not box_format.endswith("_voxel"):
@@ -178,6 +183,8 @@ class RandCutout(Transform):
         box_key, box_format: Voxel boxes (``"xyxy_voxel"`` / ``"xyzxyz_voxel"``) that are
             protected lesions too.
         max_lesion_share: Largest share of any lesion the holes may cover together.
+        max_hole_fraction: Largest side of a hole as a share of the image's side (small
+            fields of view or fine pixels would otherwise let a hole in mm cover everything).
         max_tries: Places tried per hole.
         on_failure: ``"skip"`` or ``"raise"`` when a hole finds no place.
         **kwargs: ``p``, ``seed``, ``device``, ``spatial_dims``, ``spacing``, ...
@@ -196,6 +203,7 @@ class RandCutout(Transform):
         box_key: str | None = None,
         box_format: str | None = None,
         max_lesion_share: float = 0.1,
+        max_hole_fraction: float = 0.5,
         max_tries: int = 20,
         on_failure: str = "skip",
         **kwargs: Any,
@@ -225,6 +233,18 @@ class RandCutout(Transform):
                 key=box_key,
                 transform=self.name,
             )
+        if box_key is not None and not box_format.endswith("_voxel"):
+            raise AugmentationError(
+                f"box_format={box_format!r}: lesion protection reads voxel boxes "
+                "('xyxy_voxel' / 'xyzxyz_voxel')",
+                key=box_key,
+                transform=self.name,
+            )
+        if not 0.0 < max_hole_fraction <= 1.0:
+            raise AugmentationError(
+                f"max_hole_fraction={max_hole_fraction!r} must lie in (0, 1]", transform=self.name
+            )
+        self.max_hole_fraction = float(max_hole_fraction)
         self.lesion_key = lesion_key
         self.lesion_values = tuple(lesion_values) if lesion_values is not None else None
         self.box_key, self.box_format = box_key, box_format
@@ -275,6 +295,9 @@ class RandCutout(Transform):
             for h in range(count):
                 for t in range(self.max_tries):
                     size = _voxel_sizes(ranges, tries[h, t, 0], spacing[b], shape)
+                    size = np.minimum(
+                        size, np.maximum(1, np.floor(self.max_hole_fraction * np.array(shape)))
+                    ).astype(int)
                     lo = np.floor(tries[h, t, 1] * (np.array(shape) - size + 1)).astype(int)
                     region = _region(lo, lo + size)
                     new = [les.voxels_in(region, covered) for les in lesions[b]]
@@ -329,7 +352,7 @@ class RandCutout(Transform):
         mean = flat.mean(1).view((-1,) + (1,) * (x.ndim - 1))
         if self.fill == "mean":
             return mean.expand_as(x).to(x.dtype)
-        std = flat.std(1).view((-1,) + (1,) * (x.ndim - 1))
+        std = flat.std(1, unbiased=False).view((-1,) + (1,) * (x.ndim - 1))
         gen = torch.Generator(device=x.device).manual_seed(seed)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float64)
         return (mean + std * noise).to(x.dtype)
@@ -429,11 +452,24 @@ class LesionCutMix(Transform):
         return {**values, "partner": torch.where(applied, values["partner"], own)}
 
     def _fits(self, lesions: list[_Lesion], region: tuple[slice, ...], inside: bool) -> bool:
-        """No lesion keeps a piece (inside or outside ``region``) under ``min_fragment``."""
+        """No lesion cut by ``region`` keeps a connected piece (inside it, or outside)
+        under ``min_fragment`` voxels (a lesion wholly in or out is fine)."""
         for les in lesions:
             part = les.voxels_in(region)
             kept = part if inside else les.size - part
-            if 0 < kept < les.size and kept < self.min_fragment:
+            if not 0 < kept < les.size:
+                continue
+            if kept < self.min_fragment:
+                return False
+            local = np.zeros(les.mask.shape, dtype=bool)  # the patch inside the lesion's box
+            inter = tuple(
+                slice(max(r.start, b.start) - b.start, max(min(r.stop, b.stop) - b.start, 0))
+                for r, b in zip(region, les.box, strict=True)
+            )
+            local[inter] = True
+            piece = les.mask & (local if inside else ~local)
+            pieces, count = ndimage.label(piece, structure=np.ones((3,) * piece.ndim, bool))
+            if count > 1 and np.bincount(pieces.ravel())[1:].min() < self.min_fragment:
                 return False
         return True
 

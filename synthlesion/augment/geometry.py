@@ -230,12 +230,17 @@ def fit_voxel_map(input_voxels: torch.Tensor, spatial_shape: Sequence[int]) -> t
         for n, c in zip(spatial_shape, coarse, strict=True)
     ]
     out = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, nd)
-    design = torch.cat([out, torch.ones_like(out[:, :1])], 1)  # (P, d+1)
-    target = input_voxels.reshape(batch, -1, nd).to(torch.float64)  # (B, P, d)
-    solution = torch.linalg.lstsq(design.expand(batch, -1, -1), target).solution  # (B, d+1, d)
-    m = torch.zeros(batch, nd + 1, nd + 1, dtype=torch.float64, device=input_voxels.device)
-    m[:, :nd, :] = solution.transpose(1, 2)
-    m[:, nd, nd] = 1
+    live = [a for a, n in enumerate(spatial_shape) if n > 1]  # an axis of one voxel has no
+    # spread to fit: it maps onto itself
+    design = torch.cat([out[:, live], torch.ones_like(out[:, :1])], 1)  # (P, k+1)
+    target = input_voxels.reshape(batch, -1, nd).to(torch.float64)[..., live]  # (B, P, k)
+    solution = torch.linalg.lstsq(design.expand(batch, -1, -1), target).solution  # (B, k+1, k)
+    m = torch.eye(nd + 1, dtype=torch.float64, device=input_voxels.device).repeat(batch, 1, 1)
+    index = torch.tensor(live, device=m.device)
+    fitted = solution.transpose(1, 2)  # (B, k, k+1)
+    for row, a in enumerate(live):
+        m[:, a, index] = fitted[:, row, :-1]
+        m[:, a, nd] = fitted[:, row, -1]
     snapped = m.round()  # flips and identities exactly (the fit leaves ~1e-15 residues)
     return torch.where((m - snapped).abs() < 1e-9, snapped, m)
 
@@ -322,9 +327,13 @@ def box_masks(mask: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         chosen = torch.zeros(inside.shape[:2], dtype=label.dtype, device=label.device)
         for b in range(inside.shape[0]):
             for n in range(inside.shape[1]):
-                values = label[b][inside[b, n].bool()]
-                if values.numel():
-                    chosen[b, n] = torch.mode(values).values
+                values = torch.unique(label[b][inside[b, n].bool()])
+                if values.numel() == 1:
+                    chosen[b, n] = values[0]
+                elif values.numel() > 1:  # the label whose voxels fill the box best
+                    own = torch.stack([inside[b, n].bool() & (label[b] == v) for v in values])
+                    fits = _box_iou(mask_boxes(own[None].to(torch.uint8))[0], boxes[b, n])
+                    chosen[b, n] = values[int(torch.argmax(fits))]
         shape = chosen.shape + (1,) * (label.ndim - 1)
         return inside * (label[:, None] == chosen.view(shape)).to(torch.uint8)
     nd = mask.ndim - 1
@@ -338,6 +347,16 @@ def box_masks(mask: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         shape[2 + a] = inside.shape[-1]
         out = out * inside.view(shape).to(torch.uint8)
     return out
+
+
+def _box_iou(candidates: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """IoU of voxel boxes ``(K, 2d)`` with one box ``(2d,)``."""
+    nd = box.shape[-1] // 2
+    lo = torch.maximum(candidates[:, :nd], box[:nd])
+    hi = torch.minimum(candidates[:, nd:], box[nd:])
+    inter = (hi - lo).clamp_min(0).prod(-1)
+    volume = (candidates[:, nd:] - candidates[:, :nd]).prod(-1)
+    return inter / (volume + (box[nd:] - box[:nd]).prod() - inter).clamp_min(1e-12)
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -377,32 +396,50 @@ def clip_boxes(
 
 
 def check_input_rows(
-    rows: torch.Tensor, shape: Sequence[int], key: str, transform: str, *, boxes: bool
+    rows: torch.Tensor,
+    shape: Sequence[int],
+    key: str,
+    transform: str,
+    *,
+    boxes: bool,
+    given: torch.Tensor | None = None,
+    flagged: torch.Tensor | None = None,
 ) -> None:
     """Refuse boxes (voxel ``[lo, hi)``) or points that do not lie in the image as given, and
-    boxes whose ``hi`` is not above ``lo`` (NaN rows are absent and pass)."""
+    boxes whose ``hi`` is below ``lo``. NaN rows are absent, and rows an earlier transform
+    flagged as outside (``flagged`` False) pass. World boxes (``given``: the rows as the user
+    wrote them) need only overlap the image: the voxel box around an oblique world box may
+    reach past it."""
     nd = len(shape)
     present = ~torch.isnan(rows).any(-1)
+    if flagged is not None:
+        present = present & flagged.to(torch.bool)
     if not bool(present.any()):
         return
     size = torch.tensor(shape, dtype=torch.float64, device=rows.device)
     tol = 1e-3
     if boxes:
         lo, hi = rows[..., :nd], rows[..., nd:]
-        bad_order = present & (hi <= lo).any(-1)
-        outside = present & ((lo < -tol) | (hi > size + tol)).any(-1)
+        bad_order = present & (hi < lo).any(-1)
+        if given is not None:
+            outside = present & ((hi <= 0) | (lo >= size)).any(-1)
+        else:
+            outside = present & ((lo < -tol) | (hi > size + tol)).any(-1)
         what = "box"
     else:
         bad_order = torch.zeros_like(present)
         outside = present & ((rows < -0.5 - tol) | (rows > size - 0.5 + tol)).any(-1)
         what = "point"
-    for bad, problem in ((bad_order, "has hi <= lo on some axis"),
-                         (outside, f"lies outside the image {tuple(shape)} (voxels)")):  # fmt: skip
+    shown = given if given is not None else rows
+    unit = "world mm" if given is not None else "voxels"
+    for bad, problem in ((bad_order, "has hi < lo on some axis"),
+                         (outside, f"lies outside the image (shape {tuple(shape)})")):  # fmt: skip
         if bool(bad.any()):
             b, n = (int(v) for v in bad.nonzero()[0].tolist())
             raise AugmentationError(
-                f"{what} {n} of sample {b} ({[round(float(v), 3) for v in rows[b, n]]}) {problem}; "
-                "check the format (corners lo..., hi... in array axis order) and the coordinates",
+                f"{what} {n} of sample {b} ({[round(float(v), 3) for v in shown[b, n]]} {unit}) "
+                f"{problem}; check the format (corners lo..., hi... in array axis order) and "
+                "the coordinates",
                 key=key,
                 transform=transform,
             )
@@ -450,9 +487,9 @@ def move_geometry(
             masks with the steps (nearest); needed with ``box_mask_key``.
     """
     nd = view.info.spatial_dims
-    world_needed = (geometry.box_format or "").endswith(
-        "_world"
-    ) or geometry.point_format == "world"
+    linear = all(cls.coarse_shape(values) is None for cls, values, _ in steps)
+    world_needed = (geometry.box_format or "").endswith("_world")
+    world_needed = world_needed or geometry.point_format == "world"
     affines = None
     if world_needed and any(k in view.data for k in geometry.keys):
         found = item_affine(view)
@@ -489,9 +526,17 @@ def move_geometry(
             rows = read_rows(view, key, 2 * nd, transform)
             if rows is None:
                 continue
+            flagged = _flags(view, key)
             voxel = world_to_voxel_boxes(rows, affines[0]) if world else rows
             if not inverse:
-                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=True)
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=True,
+                                 given=rows if world else None, flagged=flagged)  # fmt: skip
+            if world and linear and geometry.box_mask_key is None:
+                # the affine follows the anatomy: a world box stays where it is (clipped)
+                out, inside = _clip_world_boxes(rows, affines[1], view.info.spatial_shape,
+                                                geometry.min_visible)  # fmt: skip
+                _store(view, key, rows, out, inside, flagged, geometry, original)
+                continue
             moved = move_voxel_boxes(voxel, steps, view.info, inverse=inverse)
             if geometry.box_mask_key is not None and rows.shape[1] > 0:
                 if geometry.box_mask_key not in view.labels:
@@ -510,13 +555,8 @@ def move_geometry(
                 inside = torch.where(had_mask, ~torch.isnan(from_mask).any(-1), inside)
             else:
                 clipped, inside = clip_boxes(moved, view.info.spatial_shape, geometry.min_visible)
-            nan = torch.isnan(rows).any(-1)
             out = voxel_to_world_boxes(clipped, affines[1]) if world else clipped
-            keep = inside if geometry.outside == "drop" else ~nan
-            out = torch.where(keep[..., None], out, torch.full_like(out, float("nan")))
-            write_rows(view, key, out, original)
-            if geometry.outside == "flag":
-                view.data[key + INSIDE_SUFFIX] = inside if view.batched else inside[0]
+            _store(view, key, rows, out, inside, flagged, geometry, original)
 
     if geometry.point_format is not None:
         world = geometry.point_format == "world"
@@ -525,18 +565,63 @@ def move_geometry(
             rows = read_rows(view, key, nd, transform)
             if rows is None:
                 continue
+            flagged = _flags(view, key)
             voxel = _apply_affine(torch.linalg.inv(affines[0]), rows) if world else rows
             if not inverse:
-                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=False)
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=False,
+                                 flagged=flagged)  # fmt: skip
             moved = move_voxel_points(voxel, steps, view.info, inverse=inverse)
             inside = points_inside(moved, view.info.spatial_shape)
             out = _apply_affine(affines[1], moved) if world else moved
-            nan = torch.isnan(rows).any(-1)
-            keep = inside if geometry.outside == "drop" else ~nan
-            out = torch.where(keep[..., None], out, torch.full_like(out, float("nan")))
-            write_rows(view, key, out, original)
-            if geometry.outside == "flag":
-                view.data[key + INSIDE_SUFFIX] = inside if view.batched else inside[0]
+            if world and linear:
+                out = rows  # the anatomy keeps its world position
+            _store(view, key, rows, out, inside, flagged, geometry, original)
+
+
+def _flags(view: BatchView, key: str) -> torch.Tensor | None:
+    """``(B, N)`` inside flags an earlier transform wrote (``outside="flag"``), if any."""
+    flags = view.data.get(key + INSIDE_SUFFIX)
+    if flags is None:
+        return None
+    flags = torch.as_tensor(flags, device=view.info.device).to(torch.bool)
+    return flags if view.batched else flags[None]
+
+
+def _store(
+    view: BatchView,
+    key: str,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    inside: torch.Tensor,
+    flagged: torch.Tensor | None,
+    geometry: GeometryKeys,
+    original: Any,
+) -> None:
+    """Write moved rows with the outside rule (a row once flagged outside stays flagged)."""
+    if flagged is not None and flagged.shape == inside.shape:
+        inside = inside & flagged
+    nan = torch.isnan(rows).any(-1)
+    keep = inside if geometry.outside == "drop" else ~nan
+    out = torch.where(keep[..., None], out, torch.full_like(out, float("nan")))
+    write_rows(view, key, out, original)
+    if geometry.outside == "flag":
+        view.data[key + INSIDE_SUFFIX] = inside if view.batched else inside[0]
+
+
+def _clip_world_boxes(
+    boxes: torch.Tensor, affine: torch.Tensor, shape: Sequence[int], min_visible: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """World boxes intersected with the world box around the image, and whether each keeps
+    ``min_visible`` of itself inside the image (judged on its voxel box)."""
+    nd = len(shape)
+    size = torch.tensor(shape, dtype=torch.float64, device=boxes.device)
+    image = torch.cat([torch.zeros_like(size), size])[None, None].expand(boxes.shape[0], 1, -1)
+    extent = voxel_to_world_boxes(image, affine)  # (B, 1, 2d)
+    lo = torch.maximum(boxes[..., :nd], extent[..., :nd])
+    hi = torch.minimum(boxes[..., nd:], extent[..., nd:])
+    _, inside = clip_boxes(world_to_voxel_boxes(boxes, affine), shape, min_visible)
+    inside = inside & (hi > lo).all(-1)
+    return torch.cat([lo, hi], -1), inside
 
 
 def translation_map(start: torch.Tensor) -> torch.Tensor:
@@ -567,9 +652,8 @@ def crop_geometry(
     out: dict[str, torch.Tensor] = {}
     shift = start.to(torch.float64)[:, None]  # (B*K, 1, d)
     affines = None
-    world_needed = (geometry.box_format or "").endswith(
-        "_world"
-    ) or geometry.point_format == "world"
+    world_needed = (geometry.box_format or "").endswith("_world")
+    world_needed = world_needed or geometry.point_format == "world"
     if world_needed and any(k in view.data for k in geometry.keys):
         found = item_affine(view)
         if found is None:

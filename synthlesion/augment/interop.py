@@ -47,7 +47,15 @@ def subject_to_dict(subject: Any) -> dict[str, Any]:
         if isinstance(value, tio.Image):
             data = value.data
             if isinstance(value, tio.LabelMap) and data.is_floating_point():
-                data = data.round().to(torch.int64)  # TorchIO may hold label maps as floats
+                if not bool(torch.equal(data, data.round())):
+                    raise AugmentationError(
+                        "a LabelMap with fractional values: not a label map",
+                        key=name,
+                        transform="TorchIOAdapter",
+                    )
+                data = data.to(torch.int64)  # TorchIO may hold label maps as floats
+            elif not isinstance(value, tio.LabelMap) and not data.is_floating_point():
+                data = data.to(torch.float32)  # int16 scans (CT in HU, MRI) as TorchIO reads
             item[name] = data
             item[f"{name}_meta_dict"] = {"affine": np.asarray(value.affine, dtype=np.float64)}
             if spacing is None:
@@ -94,4 +102,10 @@ class TorchIOAdapter:
     def __call__(self, subject: Any) -> Any:
         item = subject_to_dict(subject)
         out = self.transform(item)
+        if isinstance(out, list):
+            raise AugmentationError(
+                f"the transform turned the subject into {len(out)} crops (crop by label); a "
+                "TorchIO subject holds one: crop outside the adapter (e.g. tio.LabelSampler)",
+                transform="TorchIOAdapter",
+            )
         return dict_to_subject(out, subject)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from synthlesion.augment.base import (
+    APPLIED_KEY,
     SPACING_KEY,
     AugmentationError,
     BatchInfo,
@@ -178,6 +180,8 @@ class RandCropByLabel(Transform):
             view.set(key, torch.stack(crops))
         if SPACING_KEY in view.data and view.batched:
             view.data[SPACING_KEY] = view.info.spacing.repeat_interleave(k, 0)
+        if view.batched:
+            _repeat_per_scan(view, batch, k, set(self.geometry.keys))
         if view.voxel_map is not None:
             view.voxel_map = view.voxel_map.repeat_interleave(k, 0)
         view.compose_voxel_map(translation_map(start.reshape(-1, len(shape))))
@@ -227,7 +231,8 @@ def check_scalars(view: BatchView, keys: Sequence[str], transform: str) -> dict[
             value = value[None]
         if value.ndim not in (1, 2) or value.shape[0] != view.info.batch_size:
             raise AugmentationError(
-                f"shape {tuple(view.data[key].shape)}: a scalar label is () or (K,) per item",
+                f"shape {tuple(torch.as_tensor(view.data[key]).shape)}: a scalar label is () or "
+                "(K,) per item, (B,) or (B, K) for a batch",
                 key=key,
                 transform=transform,
             )
@@ -246,6 +251,22 @@ def mix_scalars(
         w = weight.to(y.dtype).view((-1,) + (1,) * (y.ndim - 1))
         mixed = y * (1 - w) + y[partner] * w
         view.data[key] = mixed if view.batched else mixed[0]
+
+
+def _repeat_per_scan(view: BatchView, batch: int, k: int, geometry: set[str]) -> None:
+    """Per-scan entries of a batch (scalar labels, ids, flags) repeated for the K crops of
+    each scan, so they stay aligned with the B * K crops."""
+    handled = {*view.images, *view.labels, SPACING_KEY, APPLIED_KEY, *geometry}
+    handled |= {key + "_inside" for key in geometry}
+    for key, value in list(view.data.items()):
+        if key in handled or key.endswith("_meta_dict"):
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            view.data[key] = value.repeat_interleave(k, 0)
+        elif isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == batch:
+            view.data[key] = np.repeat(value, k, axis=0)
+        elif isinstance(value, (list, tuple)) and len(value) == batch:
+            view.data[key] = type(value)(item for item in value for _ in range(k))
 
 
 def mix_pair(

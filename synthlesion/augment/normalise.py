@@ -57,6 +57,12 @@ class NormalizeIntensity(IntensityTransform):
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, label_keys, **kwargs)
+        if self.p != 1.0:
+            raise AugmentationError(
+                f"p={self.p}: a normalisation applies to every sample (p=1); normalising some "
+                "samples only leaves the others on another scale",
+                transform=self.name,
+            )
         if mode not in NORMALISATION_MODES:
             raise AugmentationError(
                 f"mode={mode!r} not in {NORMALISATION_MODES}", transform=self.name
@@ -88,6 +94,12 @@ class NormalizeIntensity(IntensityTransform):
             low, high = self.window
             return ((x - low) / (high - low)).clamp(0, 1)
         if self.mode == "percentile":
+            if bool(torch.isnan(flat).any()):
+                raise AugmentationError(
+                    "NaN voxels: percentiles are undefined; fix or mask the scan first",
+                    key=", ".join(self.keys),
+                    transform=self.name,
+                )
             low = percentile(flat, self.percentiles[0]).view(shape)
             high = percentile(flat, self.percentiles[1]).view(shape)
             span = torch.where(high > low, high - low, torch.ones_like(high))
@@ -113,8 +125,10 @@ def percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
     pos = q / 100 * (n - 1)
     lo = int(pos)
     w = pos - lo
-    if n < 8 or (q > 25 and q < 75):
-        return torch.quantile(flat, q / 100, dim=-1)
+    if n < 8 or (q > 25 and q < 75):  # kthvalue: no size limit (quantile stops at 2^24)
+        below = torch.kthvalue(flat, lo + 1, dim=-1).values
+        above = torch.kthvalue(flat, min(lo + 2, n), dim=-1).values
+        return below + (above - below) * w
     if q <= 25:
         vals = torch.topk(flat, min(lo + 2, n), dim=-1, largest=False, sorted=True).values
         below, above = vals[..., lo], vals[..., min(lo + 1, n - 1)]
@@ -190,24 +204,28 @@ class CheckGeometry(Transform):
                 f"{key}_meta_dict", {}
             )
             lps = str(meta.get("space", "RAS")).upper().endswith("LPS")
-            for a in spatial_affine(affine, nd, key, self.name).cpu().numpy():
-                if lps and nd == 3:  # MONAI's ITK reader: world in LPS; the codes are RAS+
+            batch = affine.double().cpu().numpy()
+            for a in batch[None] if batch.ndim == 2 else batch:
+                if lps and a.shape[0] == 4:  # MONAI's ITK reader: world in LPS; codes are RAS+
                     a = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
                 self._check_one(a, nd, key)
 
     def _check_one(self, a: np.ndarray, nd: int, key: str) -> None:
         """Check one ``(d+1, d+1)`` spatial affine."""
         if self.orientation is not None and nd == 3:
-            code = orientation_code(a)
+            code = orientation_code(
+                spatial_affine(torch.from_numpy(a), nd, key, self.name)[0].numpy()
+            )
             if code != self.orientation:
                 raise AugmentationError(
                     f"orientation {code}, the recipe expects {self.orientation}: reorient "
-                    f"first (MONAI: Orientationd(keys, axcodes={self.orientation!r}))",
+                    f"first (MONAI: Orientationd(keys, axcodes={self.orientation!r}); "
+                    "TorchIO: tio.ToCanonical())",
                     key=key,
                     transform=self.name,
                 )
         if self.expected_spacing is not None:
-            spacing = np.sqrt((a[:nd, :nd] ** 2).sum(0))
+            spacing = np.sqrt((a[: min(3, a.shape[0] - 1), :nd] ** 2).sum(0))
             expected = np.array(self.expected_spacing[:nd])
             if len(self.expected_spacing) != nd or not np.allclose(
                 spacing, expected, rtol=self.tolerance

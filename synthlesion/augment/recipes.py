@@ -194,7 +194,7 @@ def xray_classification(
 ) -> Compose:
     """Radiograph classification (and detection with ``box_keys``), 2D.
 
-    Percentile normalisation; rotation +-10 deg, scale 0.9-1.1, translation +-5% (no flips:
+    Percentile normalisation; rotation +-10 deg, scale 0.9-1.1, translation +-10 mm (no flips:
     the heart's side matters); contrast/brightness, gamma, Gaussian noise; a lesion-protecting
     cutout (the boxes, or ``lesion_key``'s lesions, are never hidden beyond 10%). Scalar labels
     pass through untouched; boxes move with the image.
@@ -213,6 +213,12 @@ def xray_classification(
     )
     _check("xray_classification", keys, modality, ("XR",), 2, (2,))
     box_keys = as_keys(box_keys, "box_keys", "recipes")
+    if box_keys and box_format not in ("xyxy_voxel", None):
+        raise RecipeError(
+            f"box_format={box_format!r}: the recipe's cutout protects voxel boxes ('xyxy_voxel')",
+            key=box_keys[0],
+            transform="recipes.xray_classification",
+        )
     common = _common(2, spacing)
     geometry = {"box_keys": box_keys, "box_format": box_format} if box_keys else {}
     transforms = [
