@@ -187,9 +187,9 @@ def test_cutmix_never_leaves_a_small_connected_piece():
 
 def test_box_of_an_instance_map_keeps_its_own_lesion():
     lab = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    lab[0, 0, 14:22, 14:22] = 2  # a big lesion reaching into the box of ...
     for i in range(10, 18):
-        lab[0, 0, i, i] = 1  # a thin diagonal lesion
-    lab[0, 0, 14:22, 14:22] = 2  # a bigger neighbour reaching into its box
+        lab[0, 0, i, i] = 1  # ... a thin diagonal one (more voxels of 2 than of 1 in its box)
     boxes = torch.tensor([[[10.0, 10.0, 18.0, 18.0], [14.0, 14.0, 22.0, 22.0]]])
     out = RandFlip("img", "lab", flip_probability=0.0, box_keys="boxes", box_format="xyxy_voxel",
                    box_mask_key="lab")({"img": torch.rand(1, 1, 32, 32) + 1, "lab": lab,
