@@ -89,6 +89,10 @@ def _check(
         )
 
 
+def _keys(keys: Any, label_keys: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return as_keys(keys, "keys", "recipes"), as_keys(label_keys, "label_keys", "recipes")
+
+
 def _normalise(modality: str, keys, label_keys, window, common) -> Transform:
     if modality == "CT":
         return NormalizeIntensity(keys, label_keys, mode="window", window=window, **common)
@@ -156,10 +160,7 @@ def small_segmentation(
         roi_size, num_samples: Patch size (voxels) and patches per volume (3D).
         seed: Seeds every transform.
     """
-    keys, label_keys = (
-        as_keys(keys, "keys", "recipes"),
-        as_keys(label_keys, "label_keys", "recipes"),
-    )
+    keys, label_keys = _keys(keys, label_keys)
     _check("small_segmentation", keys, modality, ("CT", "MR"), spatial_dims, (2, 3))
     common = _common(spatial_dims, spacing)
     transforms = [
@@ -207,10 +208,7 @@ def xray_classification(
         lesion_key: A label map of lesions to protect from cutout.
         seed: Seeds every transform.
     """
-    keys, label_keys = (
-        as_keys(keys, "keys", "recipes"),
-        as_keys(label_keys, "label_keys", "recipes"),
-    )
+    keys, label_keys = _keys(keys, label_keys)
     _check("xray_classification", keys, modality, ("XR",), 2, (2,))
     box_keys = as_keys(box_keys, "box_keys", "recipes")
     if box_keys and box_format not in ("xyxy_voxel", None):
@@ -273,10 +271,7 @@ def multisite_mri(
     gamma, histogram shift (contrast between sequences' vendors), Rician noise, low
     resolution, ghosting and motion; 3D crops by label.
     """
-    keys, label_keys = (
-        as_keys(keys, "keys", "recipes"),
-        as_keys(label_keys, "label_keys", "recipes"),
-    )
+    keys, label_keys = _keys(keys, label_keys)
     _check("multisite_mri", keys, modality, ("MR",), spatial_dims, (2, 3))
     common = _common(spatial_dims, spacing)
     transforms = [
@@ -315,10 +310,7 @@ def multiprotocol_ct(
     comes first), rotation +-15 deg, scale 0.9-1.1, elastic; Gaussian noise (dose), low
     resolution (slice thickness, kernel), contrast; 3D crops by label.
     """
-    keys, label_keys = (
-        as_keys(keys, "keys", "recipes"),
-        as_keys(label_keys, "label_keys", "recipes"),
-    )
+    keys, label_keys = _keys(keys, label_keys)
     _check("multiprotocol_ct", keys, modality, ("CT",), spatial_dims, (2, 3))
     common = _common(spatial_dims, spacing)
     transforms = [
@@ -351,10 +343,7 @@ def default_3d(
 ) -> Compose:
     """A moderate 3D default (CT or MRI): normalisation, flips, rotation +-10 deg, scale
     0.9-1.1, noise, gamma, crops by label (``roi_size`` voxels)."""
-    keys, label_keys = (
-        as_keys(keys, "keys", "recipes"),
-        as_keys(label_keys, "label_keys", "recipes"),
-    )
+    keys, label_keys = _keys(keys, label_keys)
     _check("default_3d", keys, modality, ("CT", "MR"), 3, (3,))
     common = _common(3, spacing)
     transforms = [
