@@ -192,6 +192,11 @@ def test_a_reader_takes_the_study_in_a_real_browser(demo, study, tmp_path):
             other.fill("#reader-id", "reader-a")
             other.click("#start")
             expect(other.locator("#status")).to_contain_text("already taken")
+            other.fill("#reader-id", "reader-b")  # a second reader works at the same time
+            other.click("#start")
+            other.click("#btn-real")
+            other.click(".conf[data-value='3']")
+            expect(other.locator("#progress")).to_contain_text("1 answered")
             browser.close()
     finally:
         server.shutdown()
@@ -207,7 +212,10 @@ def test_a_reader_takes_the_study_in_a_real_browser(demo, study, tmp_path):
     key = json.loads((tmp_path / "taken.key.json").read_text())
     truth = {c["study_id"]: c["truth"] for c in key["cases"]}
     correct = sum(final[c]["answer"] == truth[c] for c in study_json["cases"])
-    assert result["pooled"]["correct"] == correct and result["readers"]["reader-a"]["submitted"]
+    reader_a = result["readers"]["reader-a"]
+    assert reader_a["correct"] == correct and reader_a["submitted"]
+    assert result["readers"]["reader-b"]["answered"] == 1
+    assert not result["readers"]["reader-b"]["submitted"]
     assert (taken / "scores.html").read_text().count("<table>") == 3
 
 
@@ -314,3 +322,63 @@ def test_one_reader_id_one_session(tmp_path):
         log.submit("x" * 16)
     with pytest.raises(StudyError, match="confidence"):
         log.answer("x" * 16, f"{1:016x}", "real", 7)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system's chromium")
+def test_a_3d_view_shows_three_scrollable_planes(tmp_path):
+    """A 3D MRI case rendered as make_study does, read in the browser: three planes, the
+    outline on the lesion, wheel scrolling, window sliders; no script error."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from synthlesion.data.phantom import make_phantom_dataset
+    from synthlesion.data.sources import load_cases
+    from synthlesion.reader_study.render import render_view
+    from synthlesion.reader_study.study import write_page, write_view
+
+    dataset = make_phantom_dataset(tmp_path / "mri", kind="mri", spatial_dims=3, n_patients=3,
+                                   size=32, lesion_fraction=1.0, followup_fraction=0.0)  # fmt: skip
+    case = next(c for c in load_cases(dataset) if c.has_lesion)
+    view = render_view(case, None, crop=24, context_slices=6)
+    assert view.spatial_dims == 3 and view.outline[view.centre] == 1
+    assert view.window != (40.0, 400.0)  # MRI: percentiles, not the CT window
+    study = tmp_path / "study"
+    write_page(study / "page")
+    write_view(study / "page", "00000000000000aa", view)
+    (study / "study.json").write_text(json.dumps({
+        "format": STUDY_FORMAT, "study_id": "s3d", "cases": ["00000000000000aa"],
+        "key_sha256": "0" * 64, "outline": True,
+    }))  # fmt: skip
+    server, url = _serve(study)
+    errors: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])  # fmt: skip
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            page.fill("#reader-id", "r3d")
+            page.click("#start")
+            for plane in ("axial", "coronal", "sagittal"):
+                expect(page.locator(f"#canvas-{plane}")).to_be_visible()
+            label = page.locator("#label-axial")
+            before = label.inner_text()
+            page.locator("#canvas-axial").hover()
+            page.mouse.wheel(0, 120)
+            expect(label).not_to_have_text(before)
+            # the outline is drawn in red on the lesion
+            red = page.evaluate(
+                "() => { const c = document.getElementById('canvas-axial');"
+                " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                " let n = 0; for (let i = 0; i < d.length; i += 4)"
+                " { if (d[i] === 255 && d[i + 1] === 60) n++; } return n; }"
+            )
+            page.mouse.wheel(0, -120)
+            page.fill("#window-width", "50")
+            page.keyboard.press("]")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not errors, errors
+    assert red > 0

@@ -181,21 +181,14 @@ def make_study(
             say(f"  rendering case {count}/{len(items)}")
             view = render_view(case, source, crop=crop, context_slices=context_slices,
                                seed=int(rng.integers(2**31)))  # fmt: skip
-            base = tmp / "page" / "cases" / opaque
-            atomic_write_bytes(base.with_suffix(".bin"), view.voxels.astype("<f4").tobytes())
-            atomic_write_bytes(base.with_suffix(".mask"), view.outline.astype(np.uint8).tobytes())
-            atomic_write_json(base.with_suffix(".json"), view.public())
+            write_view(tmp / "page", opaque, view)
             entries.append((StudyCase(
                 study_id=opaque, truth=truth, case_id=case.case_id, patient_id=case.patient_id,
                 generator=_generator_label(row) if row is not None else None,
                 passed_gate=bool(row["passed"]) if row is not None else None,
                 lesion_size_mm=view.lesion_size_mm, lesion_voxels=view.lesion_voxels,
             ), view))  # fmt: skip
-        for name in PAGE_FILES:
-            data_bytes = (
-                resources.files("synthlesion.reader_study").joinpath("page", name).read_bytes()
-            )
-            atomic_write_bytes(tmp / "page" / name, data_bytes)
+        write_page(tmp / "page")
         key_record = {
             "format": KEY_FORMAT,
             "study_id": study_id,
@@ -226,6 +219,23 @@ def make_study(
         raise
     say(f"study {study_id}: {2 * n} cases in {out} (key: {key_path})")
     return {**study, "left_out": left_out, "key": str(key_path)}
+
+
+def write_view(page: Path, opaque: str, view: View) -> None:
+    """One case's files under ``page/cases``: voxels, outline mask, geometry (nothing else)."""
+    base = page / "cases" / opaque
+    base.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(base.with_suffix(".bin"), view.voxels.astype("<f4").tobytes())
+    atomic_write_bytes(base.with_suffix(".mask"), view.outline.astype(np.uint8).tobytes())
+    atomic_write_json(base.with_suffix(".json"), view.public())
+
+
+def write_page(page: Path) -> None:
+    """The reading page's own files (HTML, script, style) into ``page``."""
+    page.mkdir(parents=True, exist_ok=True)
+    for name in PAGE_FILES:
+        data = resources.files("synthlesion.reader_study").joinpath("page", name).read_bytes()
+        atomic_write_bytes(page / name, data)
 
 
 def _mask_has_lesion(case: Case) -> bool:
