@@ -725,6 +725,9 @@ def _add_reader_study(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--key", default=None, help="the study's key (default DIR.key.json)")
     score.add_argument("--out", default=None, help="folder for scores.json/html (default DIR)")
     score.add_argument("--report", default=None, help="an HTML report to add the panel to")
+    score.add_argument(
+        "--include-unsubmitted", action="store_true", help="also readers who have not submitted"
+    )
     p.set_defaults(handler=_cmd_reader_study)
 
 
@@ -759,7 +762,10 @@ def _cmd_reader_study(args: argparse.Namespace) -> int:
         return 0
     from synthlesion.reader_study.score import score_study
 
-    result = score_study(args.study, key=args.key, out=args.out, report=args.report)
+    result = score_study(
+        args.study, key=args.key, out=args.out, report=args.report,
+        include_unsubmitted=args.include_unsubmitted,
+    )  # fmt: skip
     pooled = result["pooled"]
     ci = pooled["accuracy_ci95"]
     print(

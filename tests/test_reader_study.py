@@ -194,6 +194,7 @@ def test_a_reader_takes_the_study_in_a_real_browser(demo, study, tmp_path):
             expect(other.locator("#status")).to_contain_text("already taken")
             other.fill("#reader-id", "reader-b")  # a second reader works at the same time
             other.click("#start")
+            expect(other.locator("#progress")).to_contain_text("case 1 of 10")
             other.click("#btn-real")
             other.click(".conf[data-value='3']")
             expect(other.locator("#progress")).to_contain_text("1 answered")
@@ -208,7 +209,8 @@ def test_a_reader_takes_the_study_in_a_real_browser(demo, study, tmp_path):
     assert log.submitted
     final = log.answers()
     assert [(final[c]["answer"], final[c]["confidence"]) for c in study_json["cases"]] == choices
-    result = score_study(taken)
+    result = score_study(taken, include_unsubmitted=True)
+    assert "reader-b" not in score_study(taken)["readers"]  # only submitted readers by default
     key = json.loads((tmp_path / "taken.key.json").read_text())
     truth = {c["study_id"]: c["truth"] for c in key["cases"]}
     correct = sum(final[c]["answer"] == truth[c] for c in study_json["cases"])
@@ -382,3 +384,41 @@ def test_a_3d_view_shows_three_scrollable_planes(tmp_path):
         server.server_close()
     assert not errors, errors
     assert red > 0
+
+
+def test_crash_leftovers_copies_and_second_servers(tmp_path):
+    study = _fixed_study(tmp_path)
+    ids = [f"{i:016x}" for i in range(1, 7)]
+    path = study / "answers" / "A.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"type":"answer","ca')  # a crash in the middle of a line
+    log = AnswerLog(path, "s1", ids)  # the unfinished line was never acknowledged: ignored
+    assert log.submitted and len(log.answers()) == 6
+    assert score_study(study)["readers"]["A"]["correct"] == 4
+    shutil.copy(study / "answers" / "B.jsonl", study / "answers" / "C.jsonl")
+    with pytest.raises(AnswersError, match="C.jsonl: the answers of reader 'B'"):
+        score_study(study)
+    (study / "answers" / "C.jsonl").unlink()
+    server = make_server(study, port=0)
+    try:
+        with pytest.raises(StudyError, match="already being served"):
+            make_server(study, port=0)
+    finally:
+        server.server_close()
+    make_server(study, port=0).server_close()  # free again once the first one stopped
+
+
+def test_make_keeps_keys_and_answers(demo, study, tmp_path):
+    key = study.parent / f"{study.name}.key.json"
+    with pytest.raises(StudyError, match="exists"):
+        _make(demo, tmp_path / "new", n=1, real_split="train", include_rejected=True, key=key)
+    with pytest.raises(StudyError, match="no such file"):
+        make_study(demo / "data" / "phantom" / "dataset.json", demo / "data" / "splits.json",
+                   [demo / "synthetic" / "manfest.jsonl"], tmp_path / "x", n=1)  # fmt: skip
+    answered = tmp_path / "answered"
+    shutil.copytree(study, answered)
+    (answered / "answers" / "someone.jsonl").write_text("")
+    with pytest.raises(StudyError, match="readers' answers"):
+        _make(demo, answered, n=1, real_split="train", include_rejected=True, overwrite=True,
+              key=tmp_path / "k.json")  # fmt: skip
+    assert (answered / "answers" / "someone.jsonl").exists()

@@ -16,6 +16,7 @@ replies, so an answer acknowledged to the page survives a crash or a reload.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 from synthlesion.provenance.manifest import encode_record, split_line
 from synthlesion.reader_study.errors import AnswersError, ReaderConflict, StudyError
+
+logger = logging.getLogger(__name__)
 
 READER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ANSWERS = ("real", "synthetic")
@@ -56,6 +59,8 @@ class AnswerLog:
         self.lock = threading.Lock()
         self.records: list[dict[str, Any]] = []
         self.head = study_id
+        self.torn = 0  # bytes of an unfinished last line (a crash mid-append)
+        self.valid_bytes = 0
         if self.path.exists():
             self._load()
 
@@ -63,22 +68,35 @@ class AnswerLog:
         previous = self.study_id
         records = []
         with open(self.path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                parts = split_line(raw.rstrip(b"\n"))
-                if parts is None or not raw.endswith(b"\n"):
-                    raise AnswersError(f"{self.path} line {number}: not a line the server wrote")
-                body, stored = parts
-                _, digest = encode_record(json.loads(body), previous)
-                if digest != stored:
-                    raise AnswersError(
-                        f"{self.path} line {number}: the hash chain breaks here (the file was "
-                        "edited by hand, reordered, or comes from another study); answers are "
-                        "only written by the server"
-                    )
-                records.append(json.loads(body))
-                previous = digest
+            lines = handle.readlines()
+        for number, raw in enumerate(lines, start=1):
+            if number == len(lines) and not raw.endswith(b"\n"):
+                # never acknowledged: the server replies only after the whole line is synced
+                logger.warning("%s line %d: an unfinished line (a crash while saving) is "
+                               "ignored; it was never acknowledged", self.path, number)  # fmt: skip
+                self.torn = len(raw)
+                break
+            parts = split_line(raw.rstrip(b"\n"))
+            if parts is None:
+                raise AnswersError(f"{self.path} line {number}: not a line the server wrote")
+            body, stored = parts
+            _, digest = encode_record(json.loads(body), previous)
+            if digest != stored:
+                raise AnswersError(
+                    f"{self.path} line {number}: the hash chain breaks here (the file was "
+                    "edited by hand, reordered, or comes from another study); answers are "
+                    "only written by the server"
+                )
+            records.append(json.loads(body))
+            previous = digest
+            self.valid_bytes += len(raw)
         if records and records[0].get("type") != "session":
             raise AnswersError(f"{self.path} line 1: does not open a session")
+        if records and records[0].get("reader") != self.path.stem:
+            raise AnswersError(
+                f"{self.path}: the answers of reader {records[0].get('reader')!r} under another "
+                "reader's file name (copied or renamed); answers are only written by the server"
+            )
         self.records, self.head = records, previous
 
     # -- state ---------------------------------------------------------------------------------
@@ -105,6 +123,10 @@ class AnswerLog:
     # -- writing -------------------------------------------------------------------------------
     def _append(self, record: Mapping[str, Any]) -> None:
         line, digest = encode_record(record, self.head)
+        if self.torn:  # drop the unfinished line a crash left before writing after it
+            with open(self.path, "r+b") as handle:
+                handle.truncate(self.valid_bytes)
+            self.torn = 0
         with open(self.path, "ab") as handle:
             handle.write(line)
             handle.flush()
@@ -130,7 +152,7 @@ class AnswerLog:
 
     def answer(self, token: str, case: str, answer: str, confidence: int) -> None:
         """Record (or change) the answer to ``case``."""
-        if case not in self.cases:
+        if not isinstance(case, str) or case not in self.cases:
             raise StudyError(f"case {case!r} is not in this study")
         if answer not in ANSWERS:
             raise StudyError(f"answer {answer!r} must be one of {ANSWERS}")

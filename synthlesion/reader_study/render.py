@@ -37,6 +37,7 @@ class View:
     spatial_dims: int
     lesion_voxels: int
     lesion_size_mm: float  # equivalent diameter in mm
+    lesions_in_view: int = 1  # lesion components a reader sees in the crop
 
     def public(self) -> dict[str, Any]:
         """What the page gets: geometry and window only."""
@@ -99,15 +100,22 @@ def render_view(
     nd = array.ndim
     spacing = tuple(float(s) for s in np.sqrt((image.affine[:3, :nd] ** 2).sum(0)))
     centre = tuple(int(round(c)) for c in ndimage.center_of_mass(lesion))
-    size = [min(crop, n) for n in array.shape]
+    # the crop follows the lesion (four times its extent, at least 32 voxels, at most `crop`):
+    # a whole slice would show every other lesion of the scan, and real scans hold more
+    # lesions than healthy scans painted once (readers would count instead of look)
+    extent = [int(s.stop - s.start) for s in ndimage.find_objects(lesion.astype(np.uint8))[0]]
+    side = min(crop, max(32, 4 * max(extent)))
+    size = [min(side, n) for n in array.shape]
     if nd == 3:
-        size = [min(max(crop, 2 * context_slices + 1), n) for n in array.shape]
+        size = [min(max(side, 2 * context_slices + 1), n) for n in array.shape]
     start = [
         min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size, array.shape, strict=True)
     ]
     box = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
     voxels = np.ascontiguousarray(array[box])
     outline = np.ascontiguousarray(lesion[box])
+    everything = _lesion_mask(case, labels)[box]
+    _, visible = ndimage.label(everything, structure=np.ones((3,) * nd, dtype=bool))
     modality = (case.modality or "").upper()
     if modality == "CT":
         window = CT_WINDOW
@@ -126,4 +134,5 @@ def render_view(
         spatial_dims=nd,
         lesion_voxels=int(lesion.sum()),
         lesion_size_mm=float(diameter),
+        lesions_in_view=int(visible),
     )

@@ -9,7 +9,8 @@ much the readers agree with each other beyond chance, over the cases every reade
 Per reader, pooled (every reader-case answer one observation), per generator (the synthetic
 cases of each generator, and the real ones) and per lesion size (tertiles of the study's
 lesion diameters). A reader's latest answer per case counts; readers who have not submitted
-are scored too and marked.
+are scored only with ``include_unsubmitted`` (and marked). Pooled intervals treat each
+reader-case answer as independent: with several readers they overstate certainty.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def score_study(
     key: str | Path | None = None,
     out: str | Path | None = None,
     report: str | Path | None = None,
+    include_unsubmitted: bool = False,
 ) -> dict[str, Any]:
     """Score every reader's answers against the key; write ``scores.json`` and
     ``scores.html`` (into ``out``, default the study folder; also as a panel appended to an
@@ -129,9 +131,17 @@ def score_study(
     logs = {
         p.stem: AnswerLog(p, study["study_id"], cases) for p in sorted(answers_dir.glob("*.jsonl"))
     }
-    logs = {r: log for r, log in logs.items() if log.answers()}
+    unsubmitted = sorted(r for r, log in logs.items() if not log.submitted and log.answers())
+    logs = {
+        r: log for r, log in logs.items()
+        if log.answers() and (log.submitted or include_unsubmitted)
+    }  # fmt: skip
     if not logs:
-        raise StudyError(f"{answers_dir}: no answers yet")
+        raise StudyError(
+            f"{answers_dir}: no submitted answers yet"
+            + (f" ({len(unsubmitted)} reader(s) still reading; --include-unsubmitted scores "
+               "them)" if unsubmitted else "")
+        )  # fmt: skip
     cuts = _size_bins([c["lesion_size_mm"] for c in truth.values()])
 
     def size_bin(case: Mapping[str, Any]) -> str:
@@ -176,6 +186,9 @@ def score_study(
         "by_lesion_size": by_size,
         "size_cuts_mm": cuts,
         "left_out": key_record.get("left_out", {}),
+        "not_submitted": unsubmitted if not include_unsubmitted else [],
+        "note": "pooled intervals and the binomial test treat every reader-case answer as "
+        "independent; with several readers they overstate the certainty: read them per reader",
     }
     target = Path(out) if out is not None else study_dir
     target.mkdir(parents=True, exist_ok=True)
@@ -245,9 +258,9 @@ def _append_panel(report: Path, panel: str) -> None:
     except OSError as exc:
         raise StudyError(f"{report}: cannot read the report ({exc})") from None
     start = text.find('<section class="panel" id="reader-study">')
-    if start >= 0:
-        end = text.find("</section>", start) + len("</section>")
-        text = text[:start] + panel + text[end:]
+    end = text.find("</section>", start) if start >= 0 else -1
+    if start >= 0 and end >= 0:
+        text = text[:start] + panel + text[end + len("</section>") :]
     elif "</body>" in text:
         text = text.replace("</body>", panel + "\n</body>", 1)
     else:

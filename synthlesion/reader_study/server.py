@@ -13,6 +13,7 @@ loses nothing. Several readers can work at once (one thread per request, one loc
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
@@ -51,8 +52,22 @@ class StudyState:
         self.lock = threading.Lock()
         answers = self.dir / "answers"
         answers.mkdir(exist_ok=True)
+        self.lock_file = open(answers / ".serving.lock", "a+b")  # noqa: SIM115 - held while serving
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock_file.close()
+            raise StudyError(
+                f"{self.dir} is already being served by another process; two servers would "
+                "interleave the answers files (stop the other one first)"
+            ) from None
         for path in sorted(answers.glob("*.jsonl")):  # refuse a broken file before serving
-            self.log(path.stem)
+            try:
+                self.log(path.stem)
+            except StudyError as exc:
+                if str(path) in str(exc):
+                    raise
+                raise type(exc)(f"{path}: {exc}") from None
 
     def log(self, reader: str) -> AnswerLog:
         check_reader_id(reader)
@@ -93,6 +108,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, {"cases": self.state.cases,
                                        "outline": self.state.study.get("outline", False)})  # fmt: skip
             return
+        if path == "/favicon.ico":
+            self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+            return
         page = self.state.dir / "page"
         name = "index.html" if path == "/" else path.lstrip("/")
         if name in PAGE_FILES:
@@ -126,6 +144,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.CONFLICT, {"error": str(exc)})
         except (StudyError, ValueError) as exc:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the page gets a reply, the log the details
+            logger.exception("reader study: request %s failed", self.path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"server error: {exc}"})
         else:
             self._json(HTTPStatus.OK, reply)
 
@@ -159,6 +180,19 @@ def make_server(
     """
     state = StudyState(study_dir)
     handler = type("StudyHandler", (Handler,), {"state": state})
-    server = ThreadingHTTPServer((host, port), handler)
+    server_class = type("StudyServer", (ThreadingHTTPServer,), {"request_queue_size": 128})
+    try:
+        server = server_class((host, port), handler)
+    except OSError as exc:
+        state.lock_file.close()
+        raise StudyError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose "
+                         "another --port") from None  # fmt: skip
     server.daemon_threads = True
+    closing = server.server_close
+
+    def server_close() -> None:
+        closing()
+        state.lock_file.close()  # releases the serving lock
+
+    server.server_close = server_close  # type: ignore[method-assign]
     return server

@@ -56,6 +56,7 @@ class StudyCase:
     passed_gate: bool | None
     lesion_size_mm: float
     lesion_voxels: int
+    lesions_in_view: int = 1
 
 
 def default_key_path(study_dir: str | Path) -> Path:
@@ -114,6 +115,18 @@ def make_study(
         raise StudyError(f"--n {n}: at least one case per class")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise StudyError(f"{out} exists and is not empty; choose another folder or --overwrite")
+    if out.exists() and any((out / "answers").glob("*.jsonl")):
+        raise StudyError(
+            f"{out} holds readers' answers ({out / 'answers'}); a new study would throw them "
+            "away: score them first and choose another folder"
+        )
+    if key_path.exists() and not overwrite:
+        raise StudyError(f"the key {key_path} exists (another study's?); choose another --key")
+    if key_path.is_dir():
+        raise StudyError(f"the key path {key_path} is a folder; give a file name")
+    for manifest in manifests:
+        if not Path(manifest).is_file():
+            raise StudyError(f"manifest {manifest}: no such file")
     rng = np.random.default_rng(seed)
     cases = load_cases(data)
     split_table = load_splits_checked(splits)
@@ -135,6 +148,9 @@ def make_study(
         "guard_violations": len(report.violations),
         "rejected_by_quality": int(report.counts.get("rejected_by_quality", 0))
         if not include_rejected
+        else 0,
+        "gate_rejects_included": int(report.counts.get("rejected_by_quality", 0))
+        if include_rejected
         else 0,
         "manifest_rows": int(report.counts.get("manifest_rows", 0)),
     }
@@ -187,8 +203,10 @@ def make_study(
                 generator=_generator_label(row) if row is not None else None,
                 passed_gate=bool(row["passed"]) if row is not None else None,
                 lesion_size_mm=view.lesion_size_mm, lesion_voxels=view.lesion_voxels,
+                lesions_in_view=view.lesions_in_view,
             ), view))  # fmt: skip
         write_page(tmp / "page")
+        _warn_if_counts_differ(entries, say)
         key_record = {
             "format": KEY_FORMAT,
             "study_id": study_id,
@@ -209,10 +227,10 @@ def make_study(
             "n_per_class": n,
         }
         atomic_write_json(tmp / "study.json", study)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(key_path, key_bytes)  # first: a failure leaves the old study whole
         if out.exists():
             shutil.rmtree(out)
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(key_path, key_bytes)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,6 +254,25 @@ def write_page(page: Path) -> None:
     for name in PAGE_FILES:
         data = resources.files("synthlesion.reader_study").joinpath("page", name).read_bytes()
         atomic_write_bytes(page / name, data)
+
+
+def _warn_if_counts_differ(entries: list[tuple[StudyCase, View]], say: Any) -> None:
+    """Readers must judge the lesion, not count lesions: warn when the classes show
+    different numbers of lesions per view (e.g. real scans with several lesions, healthy scans
+    painted once)."""
+    counts = {
+        truth: [e.lesions_in_view for e, _ in entries if e.truth == truth]
+        for truth in ("real", "synthetic")
+    }
+    means = {t: float(np.mean(c)) for t, c in counts.items() if c}
+    if len(means) == 2 and abs(means["real"] - means["synthetic"]) >= 0.5:
+        message = (
+            f"lesions per view differ between the classes (real {means['real']:.1f}, synthetic "
+            f"{means['synthetic']:.1f}): readers may tell them apart by counting; paint several "
+            "lesions per scan or draw real cases with one lesion"
+        )
+        logger.warning(message)
+        say("warning: " + message)
 
 
 def _mask_has_lesion(case: Case) -> bool:

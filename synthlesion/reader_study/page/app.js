@@ -1,7 +1,7 @@
 "use strict";
 // The reader page: one case at a time, answers saved on the server after each case.
 const state = { reader: null, token: null, cases: [], answers: {}, submitted: false,
-                index: 0, pending: null, view: null, outline: false };
+                index: 0, pending: null, view: null, outline: false, busy: false };
 const $ = (id) => document.getElementById(id);
 
 function status(text) { $("status").textContent = text || ""; }
@@ -127,12 +127,17 @@ function layout(view) {
 }
 
 async function show() {
-  const id = state.cases[state.index];
-  state.pending = state.answers[id] ? state.answers[id].answer : null;
-  state.view = await fetchView(id);
-  layout(state.view);
-  refreshButtons();
-  draw();
+  // no answer is taken while the next case loads: it would go to a case not yet on screen
+  state.busy = true; state.view = null;
+  $("views").innerHTML = "";
+  try {
+    const id = state.cases[state.index];
+    state.pending = state.answers[id] ? state.answers[id].answer : null;
+    state.view = await fetchView(id);
+    layout(state.view);
+    refreshButtons();
+    draw();
+  } finally { state.busy = false; }
 }
 
 function refreshButtons() {
@@ -151,20 +156,27 @@ function refreshButtons() {
   $("submit").disabled = Object.keys(state.answers).length < state.cases.length;
 }
 
-function choose(answer) { state.pending = answer; refreshButtons(); status(""); }
+function choose(answer) {
+  if (state.busy) { return; }
+  state.pending = answer; refreshButtons(); status("");
+}
 
 async function confidence(value) {
+  if (state.busy) { return; }
   if (!state.pending) { status("choose real or synthetic first"); return; }
+  state.busy = true;
   const id = state.cases[state.index];
   try {
     apply(await api("/api/answer", { reader: state.reader, token: state.token, case: id,
                                      answer: state.pending, confidence: value }));
-  } catch (error) { status(error.message); return; }
+  } catch (error) { status(error.message); state.busy = false; return; }
   status("saved");
+  state.busy = false;
   if (state.index < state.cases.length - 1) { state.index += 1; await show(); } else { refreshButtons(); }
 }
 
 async function move(step) {
+  if (state.busy) { return; }
   const next = state.index + step;
   if (next < 0 || next >= state.cases.length) { return; }
   state.index = next; await show();
