@@ -311,6 +311,7 @@ def test_split_refuses_missing_files_and_warns_on_thin_sides(phantom, tmp_path, 
 
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image"}
 OPTIONAL = {"triton": "gpu"}  # imported only by the CUDA kernels, behind a check
+EXTRAS_ONLY = {"torchio": ("interop.py", "bench")}  # module, extra that installs it
 
 
 def test_every_runtime_import_is_a_declared_dependency():
@@ -335,6 +336,12 @@ def test_every_runtime_import_is_a_declared_dependency():
                     continue
                 if top in OPTIONAL:
                     assert path.name.startswith("_triton"), f"{path}: {top} outside its kernels"
+                    continue
+                if top in EXTRAS_ONLY:  # an adapter importing its library lazily, from an extra
+                    module, extra = EXTRAS_ONLY[top]
+                    assert path.name == module, f"{path}: {top} outside {module}"
+                    extras = project["optional-dependencies"][extra]
+                    assert any(r.lower().startswith(top) for r in extras), (top, extra)
                     continue
                 dist = DISTRIBUTION.get(top, top).lower()
                 assert dist in declared, f"{path.relative_to(ROOT)} imports {top}, not declared"
