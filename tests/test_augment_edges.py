@@ -212,3 +212,22 @@ def test_scalar_labels_of_the_wrong_shape_are_a_clear_error():
         LesionMixup("image", "label", scalar_keys="y", seed=0)(
             {"image": torch.rand(2, 1, 8, 8), "label": lab, "y": [[1.0, 0.0, 1.0]]}
         )
+
+
+def test_crops_keep_world_boxes_and_earlier_flags():
+    affine = torch.tensor(
+        [[0.9, -0.4, 0, 3], [0.4, 0.9, 0, -5], [0, 0, 2.5, 1], [0, 0, 0, 1]], dtype=torch.float64
+    )  # oblique: a round trip through voxel boxes would loosen the box
+    label = torch.zeros(1, 40, 40, 12, dtype=torch.uint8)
+    label[:, 10:20, 10:20, 4:8] = 1
+    box = torch.tensor([[2.0, 6.0, 12.0, 9.0, 14.0, 20.0]], dtype=torch.float64)
+    item = {"image": MetaTensor(torch.rand(1, 40, 40, 12), affine=affine),
+            "label": MetaTensor(label, affine=affine), "boxes": box,
+            "boxes_inside": torch.tensor([True])}  # fmt: skip
+    crops = RandCropByLabel("image", "label", roi_size=(32, 32, 12), num_samples=2, pos=1.0,
+                            neg=0.0, box_keys="boxes", box_format="xyzxyz_world",
+                            outside="flag", seed=0)(item)  # fmt: skip
+    for crop in crops:
+        assert bool(crop["boxes_inside"][0])
+        got = crop["boxes"][0]
+        assert (got[:3] >= box[0, :3] - 1e-9).all() and (got[3:] <= box[0, 3:] + 1e-9).all()

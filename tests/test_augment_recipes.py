@@ -145,9 +145,7 @@ def test_recipes_refuse_modalities_they_do_not_fit():
     with pytest.raises(RecipeError, match="modality 'PET'|modality='PET'"):
         recipes.small_segmentation(modality="PET")
     with pytest.raises(RecipeError, match="spatial_dims=2"):
-        recipes.multisite_mri(spatial_dims=2, roi_size=None) if False else recipes._check(
-            "default_3d", ("image",), "CT", ("CT",), 2, (3,)
-        )
+        recipes._check("default_3d", ("image",), "CT", ("CT",), 2, (3,))
 
 
 def test_compose_refuses_normalisation_after_a_random_transform():

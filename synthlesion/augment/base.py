@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from synthlesion.augment.device_cache import constant
+from synthlesion.augment.grid import embed
 from synthlesion.errors import SynthlesionError
 
 logger = logging.getLogger(__name__)
@@ -439,8 +440,6 @@ class BatchView:
     def updated_affine(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
         """The affine of ``key`` after the recorded voxel maps (``rows`` of the maps: for
         crops that turned one item into several)."""
-        from synthlesion.augment.geometry import embed
-
         affine = self.affine(key)
         if affine is None or self.voxel_map is None:
             return affine

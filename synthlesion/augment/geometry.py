@@ -206,15 +206,6 @@ def spatial_affine(affine: torch.Tensor, nd: int, key: str, transform: str) -> t
     return out
 
 
-def embed(matrix: torch.Tensor, size: int) -> torch.Tensor:
-    """A ``(B, d+1, d+1)`` voxel map embedded in ``(B, size, size)`` (identity elsewhere)."""
-    nd = matrix.shape[-1] - 1
-    out = torch.eye(size, dtype=matrix.dtype, device=matrix.device).repeat(matrix.shape[0], 1, 1)
-    out[:, :nd, :nd] = matrix[:, :nd, :nd]
-    out[:, :nd, size - 1] = matrix[:, :nd, nd]
-    return out
-
-
 def fit_voxel_map(input_voxels: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
     """Least-squares affine ``(B, d+1, d+1)`` from output to input voxel indices.
 
@@ -488,28 +479,13 @@ def move_geometry(
     """
     nd = view.info.spatial_dims
     linear = all(cls.coarse_shape(values) is None for cls, values, _ in steps)
-    world_needed = (geometry.box_format or "").endswith("_world")
-    world_needed = world_needed or geometry.point_format == "world"
     affines = None
-    if world_needed and any(k in view.data for k in geometry.keys):
-        found = item_affine(view)
-        if found is None:
-            key = next(k for k in geometry.keys if k in view.data)
-            raise AugmentationError(
-                "world coordinates need the image's affine: give the images as MONAI "
-                "MetaTensors (LoadImaged) or with a '<key>_meta_dict' holding 'affine'",
-                key=key,
-                transform=transform,
-            )
-        affine_key, raw = found
-        before = spatial_affine(raw, nd, affine_key, transform).to(view.info.device)
-        if before.shape[0] == 1 and view.info.batch_size > 1:
-            before = before.expand(view.info.batch_size, -1, -1)
+    before = _world_affine(view, geometry, transform)
+    if before is not None:
         if voxel_map is None:
             raise AugmentationError("world coordinates need the voxel map", transform=transform)
         m = voxel_map.to(torch.float64)
-        after = before @ (torch.linalg.inv(m) if inverse else m)
-        affines = (before, after)
+        affines = (before, before @ (torch.linalg.inv(m) if inverse else m))
 
     if geometry.box_format is not None:
         if geometry.box_format.split("_")[0] != ("xyxy" if nd == 2 else "xyzxyz"):
@@ -578,6 +554,28 @@ def move_geometry(
             _store(view, key, rows, out, inside, flagged, geometry, original)
 
 
+def _world_affine(view: BatchView, geometry: GeometryKeys, transform: str) -> torch.Tensor | None:
+    """``(B, d+1, d+1)`` voxel-to-world affine of the item when some box or point key in it is
+    in world coordinates (None otherwise); refused when the item has no affine."""
+    world = (geometry.box_format or "").endswith("_world") or geometry.point_format == "world"
+    present = [k for k in geometry.keys if k in view.data]
+    if not world or not present:
+        return None
+    found = item_affine(view)
+    if found is None:
+        raise AugmentationError(
+            "world coordinates need the image's affine: give the images as MONAI "
+            "MetaTensors (LoadImaged) or with a '<key>_meta_dict' holding 'affine'",
+            key=present[0],
+            transform=transform,
+        )
+    affine = spatial_affine(found[1], view.info.spatial_dims, found[0], transform)
+    affine = affine.to(view.info.device)
+    if affine.shape[0] == 1 and view.info.batch_size > 1:
+        affine = affine.expand(view.info.batch_size, -1, -1)
+    return affine
+
+
 def _flags(view: BatchView, key: str) -> torch.Tensor | None:
     """``(B, N)`` inside flags an earlier transform wrote (``outside="flag"``), if any."""
     flags = view.data.get(key + INSIDE_SUFFIX)
@@ -598,14 +596,25 @@ def _store(
     original: Any,
 ) -> None:
     """Write moved rows with the outside rule (a row once flagged outside stays flagged)."""
-    if flagged is not None and flagged.shape == inside.shape:
-        inside = inside & flagged
-    nan = torch.isnan(rows).any(-1)
-    keep = inside if geometry.outside == "drop" else ~nan
-    out = torch.where(keep[..., None], out, torch.full_like(out, float("nan")))
+    out, inside = _outside_rule(rows, out, inside, flagged, geometry)
     write_rows(view, key, out, original)
     if geometry.outside == "flag":
         view.data[key + INSIDE_SUFFIX] = inside if view.batched else inside[0]
+
+
+def _outside_rule(
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    inside: torch.Tensor,
+    flagged: torch.Tensor | None,
+    geometry: GeometryKeys,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"drop"``: rows outside become NaN; ``"flag"``: they stay (absent rows stay NaN).
+    A row flagged outside by an earlier transform stays flagged."""
+    if flagged is not None and flagged.shape == inside.shape:
+        inside = inside & flagged
+    keep = inside if geometry.outside == "drop" else ~torch.isnan(rows).any(-1)
+    return torch.where(keep[..., None], out, torch.full_like(out, float("nan"))), inside
 
 
 def _clip_world_boxes(
@@ -652,18 +661,9 @@ def crop_geometry(
     out: dict[str, torch.Tensor] = {}
     shift = start.to(torch.float64)[:, None]  # (B*K, 1, d)
     affines = None
-    world_needed = (geometry.box_format or "").endswith("_world")
-    world_needed = world_needed or geometry.point_format == "world"
-    if world_needed and any(k in view.data for k in geometry.keys):
-        found = item_affine(view)
-        if found is None:
-            raise AugmentationError(
-                "world coordinates need the image's affine (MONAI MetaTensor or meta dict)",
-                key=next(k for k in geometry.keys if k in view.data),
-                transform=transform,
-            )
-        before = spatial_affine(found[1], nd, found[0], transform).to(start.device)
-        before = before.expand(view.info.batch_size, -1, -1).repeat_interleave(per_input, 0)
+    before = _world_affine(view, geometry, transform)
+    if before is not None:
+        before = before.repeat_interleave(per_input, 0)
         affines = (before, before @ translation_map(start))
     for keys, is_box in ((geometry.box_keys, True), (geometry.point_keys, False)):
         fmt = geometry.box_format if is_box else geometry.point_format
@@ -674,22 +674,27 @@ def crop_geometry(
             rows = read_rows(view, key, 2 * nd if is_box else nd, transform)
             if rows is None:
                 continue
+            flagged = _flags(view, key)
+            if flagged is not None:
+                flagged = flagged.repeat_interleave(per_input, 0)
             rows = rows.repeat_interleave(per_input, 0)
             if is_box:
                 voxel = world_to_voxel_boxes(rows, affines[0]) if world else rows
-                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=True)
-                moved = voxel - shift.repeat(1, 1, 2)
-                moved, inside = clip_boxes(moved, roi, geometry.min_visible)
-                result = voxel_to_world_boxes(moved, affines[1]) if world else moved
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=True,
+                                 given=rows if world else None, flagged=flagged)  # fmt: skip
+                if world:  # the crop's affine moves its origin: the world box stays (clipped)
+                    result, inside = _clip_world_boxes(rows, affines[1], roi,
+                                                       geometry.min_visible)  # fmt: skip
+                else:
+                    result, inside = clip_boxes(voxel - shift.repeat(1, 1, 2), roi,
+                                                geometry.min_visible)  # fmt: skip
             else:
                 voxel = _apply_affine(torch.linalg.inv(affines[0]), rows) if world else rows
-                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=False)
-                moved = voxel - shift
-                inside = points_inside(moved, roi)
-                result = _apply_affine(affines[1], moved) if world else moved
-            nan = torch.isnan(rows).any(-1)
-            keep = inside if geometry.outside == "drop" else ~nan
-            out[key] = torch.where(keep[..., None], result, torch.full_like(result, float("nan")))
+                check_input_rows(voxel, view.info.spatial_shape, key, transform, boxes=False,
+                                 flagged=flagged)  # fmt: skip
+                inside = points_inside(voxel - shift, roi)
+                result = rows if world else voxel - shift
+            out[key], inside = _outside_rule(rows, result, inside, flagged, geometry)
             if geometry.outside == "flag":
                 out[key + INSIDE_SUFFIX] = inside
     return out

@@ -64,6 +64,15 @@ def physical_to_voxel(
     return points / spacing.view(view).to(points.dtype) + centre
 
 
+def embed(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """A ``(B, d+1, d+1)`` voxel map embedded in ``(B, size, size)`` (identity elsewhere)."""
+    nd = matrix.shape[-1] - 1
+    out = torch.eye(size, dtype=matrix.dtype, device=matrix.device).repeat(matrix.shape[0], 1, 1)
+    out[:, :nd, :nd] = matrix[:, :nd, :nd]
+    out[:, :nd, size - 1] = matrix[:, :nd, nd]
+    return out
+
+
 @device_cache
 def interp_matrix(size: int, nodes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(size, nodes)`` linear interpolation weights (``align_corners=True`` semantics)."""

@@ -16,7 +16,6 @@ reader-case answer as independent: with several readers they overstate certainty
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -266,7 +265,3 @@ def _append_panel(report: Path, panel: str) -> None:
     else:
         text += panel
     atomic_write_text(report, text)
-
-
-def load_scores(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
